@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (toy world end to end) and `make test`.
+# `setup` is idempotent: it reinstalls only when requirements.txt changes (stamp keyed on its hash).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+TOY_DIR ?= data/toyworld
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo toyworld clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -x -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -x -q -m "not slow" $(PYTEST_ARGS)
+
+toyworld: setup
+	$(PY) -m dataset.toyworld --out $(TOY_DIR) --seed 0
+
+demo: setup
+	$(PY) demo.py --toy-dir $(TOY_DIR)
+
+clean:
+	rm -rf output/toy_demo

@@ -1,0 +1,197 @@
+"""utils.py: config validation, distributed helpers at world size 1, metric logging, safe writes, CLI plumbing."""
+import argparse
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import utils
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs', '*.yaml')))
+
+
+def write(tmp_path, text, name='c.yaml'):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_original_configs_load_with_float_scalars(path):
+    cfg = utils.load_config(path)
+    assert isinstance(cfg['optimizer']['lr'], float)  # 1e-4 must be a float (YAML 1.2), not a string
+    assert cfg['schedular']['sched'] == 'cosine'
+
+
+def test_original_config_values_are_preserved():
+    cfg = utils.load_config(os.path.join(os.path.dirname(__file__), '..', 'configs', 'Retrieval_coco.yaml'))
+    assert cfg['k_test'] == 256 and cfg['image_res'] == 384 and cfg['queue_size'] == 65536
+    assert cfg['schedular'] == {'sched': 'cosine', 'lr': 1e-5, 'epochs': 5, 'min_lr': 1e-6, 'decay_rate': 1,
+                                'warmup_lr': 1e-5, 'warmup_epochs': 1, 'cooldown_epochs': 0}
+
+
+def test_unknown_key_is_named_with_suggestion(tmp_path):
+    p = write(tmp_path, 'image_res: 64\nbatch_szie: 4\n')
+    with pytest.raises(utils.ConfigError, match=r"c\.yaml: unknown key 'batch_szie' \(did you mean 'batch_size'\?\)"):
+        utils.load_config(p)
+
+
+def test_unknown_nested_key(tmp_path):
+    p = write(tmp_path, 'optimizer: {opt: adamw, lr: 0.1, weight_decya: 0.1}\n')
+    with pytest.raises(utils.ConfigError, match="unknown key 'optimizer.weight_decya'"):
+        utils.load_config(p)
+
+
+def test_wrong_type_and_bool_not_int(tmp_path):
+    with pytest.raises(utils.ConfigError, match="key 'image_res' must be int, got str"):
+        utils.load_config(write(tmp_path, "image_res: '64'\n"))
+    with pytest.raises(utils.ConfigError, match="key 'image_res' must be int, got bool"):
+        utils.load_config(write(tmp_path, 'image_res: true\n'))
+
+
+def test_non_positive_size(tmp_path):
+    with pytest.raises(utils.ConfigError, match="key 'batch_size' must be > 0, got 0"):
+        utils.load_config(write(tmp_path, 'batch_size: 0\n'))
+    with pytest.raises(utils.ConfigError, match="key 'queue_size' must be > 0"):
+        utils.load_config(write(tmp_path, 'queue_size: -4\n'))
+
+
+def test_queue_smaller_than_batch(tmp_path):
+    with pytest.raises(utils.ConfigError, match=r"'queue_size' \(8\) is smaller than 'batch_size' \(16\)"):
+        utils.load_config(write(tmp_path, 'queue_size: 8\nbatch_size: 16\n'))
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(utils.ConfigError, match="missing required key 'train_file'"):
+        utils.load_config(write(tmp_path, 'image_res: 64\n'), required=['train_file'])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(utils.ConfigError, match='config file not found: .*nope.yaml'):
+        utils.load_config(str(tmp_path / 'nope.yaml'))
+    with pytest.raises(utils.ConfigError, match=r'c\.yaml:2:\d+: cannot parse YAML'):
+        utils.load_config(write(tmp_path, 'image_res: 64\nbatch_size: 4: 5\n'))
+    with pytest.raises(utils.ConfigError, match='top level must be a mapping'):
+        utils.load_config(write(tmp_path, '- 1\n- 2\n'))
+
+
+def test_yaml_is_safe(tmp_path):
+    # A python object tag must be refused by the safe loader, never constructed.
+    p = write(tmp_path, 'image_res: !!python/object/apply:os.system ["echo pwned"]\n')
+    with pytest.raises(utils.ConfigError, match='cannot parse YAML'):
+        utils.load_config(p)
+
+
+def test_overrides_and_scheduler_spelling(tmp_path):
+    p = write(tmp_path, 'batch_size: 4\nscheduler: {sched: cosine, epochs: 2}\n')
+    key, value = utils.parse_override('batch_size=8')
+    cfg = utils.load_config(p, overrides={key: value})
+    assert cfg['batch_size'] == 8 and cfg['scheduler']['epochs'] == 2
+    with pytest.raises(utils.ConfigError, match='--opt expects key=value'):
+        utils.parse_override('batch_size')
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = {'image_res': 64, 'optimizer': {'opt': 'adamW', 'lr': 1e-4}, 'train_file': ['a.json']}
+    utils.save_config(cfg, str(tmp_path / 'config.yaml'))
+    assert utils.load_config(str(tmp_path / 'config.yaml')) == cfg
+
+
+def test_world_size_one_helpers():
+    assert utils.get_rank() == 0 and utils.get_world_size() == 1 and utils.is_main_process()
+    t = torch.tensor([1.0, 2.0])
+    assert utils.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert utils.all_gather_object({'a': 1}) == [{'a': 1}]
+    utils.barrier()  # must not raise without a process group
+
+
+def test_init_distributed_mode_single_process(monkeypatch):
+    for var in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS'):
+        monkeypatch.delenv(var, raising=False)
+    args = argparse.Namespace(distributed=True, device='cpu', dist_url='env://')
+    utils.init_distributed_mode(args)
+    assert args.distributed is False and args.rank == 0 and args.world_size == 1
+    monkeypatch.setenv('RANK', '0')
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    args = argparse.Namespace(distributed=True, device='cpu', dist_url='env://')
+    utils.init_distributed_mode(args)  # world size 1 from a launcher: no process group needed
+    assert args.distributed is False
+    args = argparse.Namespace(distributed=False, device='cpu')
+    utils.init_distributed_mode(args)
+    assert args.distributed is False
+
+
+def test_parent_parser_flags():
+    parser = argparse.ArgumentParser(parents=[utils.get_parent_parser('c.yaml', 'out')])
+    a = parser.parse_args(['--local-rank=3', '--no-distributed', '--resume'])
+    assert a.local_rank == 3 and a.distributed is False and a.resume is True and a.config == 'c.yaml'
+    a = parser.parse_args(['--local_rank', '1', '--opt', 'batch_size=2', '--opt', 'alpha=0'])
+    assert a.local_rank == 1 and a.distributed is True and a.opt == ['batch_size=2', 'alpha=0']
+
+
+def test_smoothed_value_and_metric_logger(capsys):
+    v = utils.SmoothedValue(window_size=2)
+    for x in (1.0, 2.0, 6.0):
+        v.update(x)
+    assert v.median == 4.0 and v.avg == 4.0 and v.global_avg == 3.0 and v.max == 6.0 and v.value == 6.0
+    logger = utils.MetricLogger()
+    out = []
+    for i in logger.log_every(range(5), 2, 'Hdr'):
+        logger.update(loss=torch.tensor(float(i)), lr=0.1)
+        out.append(i)
+    assert out == list(range(5))
+    assert logger.averages() == {'loss': 2.0, 'lr': pytest.approx(0.1)}
+    text = capsys.readouterr().out
+    assert 'Hdr  [0/5]' in text and '[4/5]' in text and 'eta: ' in text and 'Hdr Total time' in text
+
+
+def test_atomic_save_and_partial_cleanup(tmp_path):
+    path = str(tmp_path / 'ckpt.pth')
+    utils.atomic_save({'a': torch.ones(2)}, path)
+    assert torch.load(path, weights_only=True)['a'].sum() == 2
+    (tmp_path / ('ckpt.pth.abc' + utils.TMP_SUFFIX)).write_bytes(b'partial')
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError('boom')
+
+    with pytest.raises(RuntimeError):
+        utils.atomic_save({'a': Boom()}, path)
+    assert torch.load(path, weights_only=True)['a'].sum() == 2  # the earlier file survives a failed write
+    assert utils.remove_partial_files(str(tmp_path)) == ['ckpt.pth.abc' + utils.TMP_SUFFIX]
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pth']
+
+
+def test_prepare_output_dir_refuses_other_run(tmp_path):
+    out = tmp_path / 'run'
+    utils.prepare_output_dir(str(out), resume=False, overwrite=False)
+    (out / 'checkpoint_00.pth').write_bytes(b'x')
+    with pytest.raises(utils.UserError, match='already holds a run .*--resume.*--overwrite'):
+        utils.prepare_output_dir(str(out), resume=False, overwrite=False)
+    utils.prepare_output_dir(str(out), resume=True, overwrite=False)
+    utils.prepare_output_dir(str(out), resume=False, overwrite=True)
+
+
+def test_prepare_output_dir_not_writable(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    with pytest.raises(utils.UserError, match='cannot create it'):
+        utils.prepare_output_dir(str(blocker / 'sub'), resume=False, overwrite=False)
+
+
+def test_append_json_line(tmp_path):
+    p = str(tmp_path / 'log.txt')
+    utils.append_json_line(p, {'epoch': 0, 'loss': 1.5})
+    utils.append_json_line(p, {'epoch': 1, 'loss': 1.0})
+    assert [json.loads(line)['epoch'] for line in open(p)] == [0, 1]
+
+
+def test_run_cli_turns_user_errors_into_exit_2(capsys):
+    def main(argv):
+        raise utils.ConfigError('x.yaml: unknown key foo')
+    assert utils.run_cli(main, []) == 2
+    assert capsys.readouterr().err.strip() == 'error: x.yaml: unknown key foo'
+    with pytest.raises(utils.ConfigError):
+        utils.run_cli(main, ['--debug'])
