@@ -72,3 +72,23 @@ class SeededDataset(Dataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, collate_fn=None):
+    """A training DataLoader whose order and augmentation are reproducible and resumable.
+
+    Shuffled per epoch by a `ResumableSampler` across all ranks (padding as DistributedSampler does), the last
+    incomplete batch dropped (as the original's training loaders), pinned memory on CUDA. Workers are not
+    persistent: they are re-created each epoch so they see the epoch number set on `SeededDataset`.
+    The loader has its own generator so that it never draws from the global torch RNG.
+    """
+    from torch.utils.data import DataLoader
+    import torch.distributed as dist
+    distributed = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    seeded = SeededDataset(dataset, seed)
+    sampler = ResumableSampler(seeded, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                               batch_size=batch_size)
+    return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,83 @@
+"""Small construction/forward helpers shared by the ALBEF variants (one place for each piece)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.xbert import build_bert_config, set_gradient_checkpointing
+from utils import ConfigError
+
+
+def build_text_config(config, **overrides):
+    """BertConfig from config['bert_config'] (path or dict) for a text encoder reading ViT tokens.
+
+    encoder_width (input width of cross-attention key/value) defaults to config['vision_width']; a bert config
+    giving a different value cannot work and is refused with a one-line error. `overrides` win.
+    """
+    if 'bert_config' not in config:
+        raise ConfigError("config: missing key 'bert_config'")
+    cfg = build_bert_config(config['bert_config'], **overrides)
+    if 'encoder_width' not in overrides:
+        vision_width = config.get('vision_width', 768)
+        given = getattr(cfg, 'encoder_width', None)
+        if given is not None and given != vision_width:
+            raise ConfigError(f'bert_config: encoder_width {given} != vision_width {vision_width}')
+        cfg.encoder_width = vision_width
+    return cfg
+
+
+def make_queue(dim, size):
+    """Feature queue [dim, size] of random unit columns (float32)."""
+    return F.normalize(torch.randn(dim, size), dim=0)
+
+
+def require_tokenizer(tokenizer, who):
+    """Return tokenizer, refusing None with a one-line error naming the model."""
+    if tokenizer is None:
+        raise ConfigError(f'{who}: a tokenizer is required (MLM masking reads its special ids)')
+    return tokenizer
+
+
+def grad_checkpointing_targets(config):
+    """Parse config['grad_checkpointing'] (bool or list from ['vision', 'text']) -> set of parts."""
+    value = config.get('grad_checkpointing', False)
+    if isinstance(value, bool):
+        return {'vision', 'text'} if value else set()
+    if isinstance(value, (list, tuple)):
+        bad = [v for v in value if v not in ('vision', 'text')]
+        if bad:
+            raise ConfigError(f"config grad_checkpointing: unknown part {bad[0]!r} (allowed: 'vision', 'text')")
+        return set(value)
+    raise ConfigError(f'config grad_checkpointing: expected bool or list, got {value!r}')
+
+
+def apply_grad_checkpointing(config, visual_encoder, *text_modules):
+    """Switch gradient checkpointing on the online encoders as config['grad_checkpointing'] asks."""
+    parts = grad_checkpointing_targets(config)
+    visual_encoder.set_grad_checkpointing('vision' in parts)
+    for m in text_modules:
+        set_gradient_checkpointing(m, 'text' in parts)
+
+
+def cls_head(width, num_classes):
+    """Classifier Sequential(Linear(H,H), ReLU, Linear(H,n)) -> state keys cls_head.0.*, cls_head.2.*."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+
+def itm_hard_negatives(model, image_embeds, text_embeds, text_atts, weights_i2t, weights_t2i):
+    """ITM logits for B positives and 2B hard negatives, and their labels (spec 6.2 step 6).
+
+    For text b a negative image is drawn from weights_t2i[b]; for image b a negative text from weights_i2t[b]
+    (torch.multinomial, images first). Rows: (text b, image b) x B, (text b, neg image) x B,
+    (neg text, image b) x B; one fusion pass over all 3B pairs. Gradients flow into the chosen negatives.
+    """
+    bs = image_embeds.size(0)
+    with torch.no_grad():
+        neg_image_idx = torch.multinomial(weights_t2i, 1).squeeze(1)
+        neg_text_idx = torch.multinomial(weights_i2t, 1).squeeze(1)
+    text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text_idx]], dim=0)
+    atts_all = torch.cat([text_atts, text_atts, text_atts[neg_text_idx]], dim=0)
+    image_all = torch.cat([image_embeds, image_embeds[neg_image_idx], image_embeds], dim=0)
+    logits = model.itm_logits(text_all, atts_all, image_all)
+    labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(
+        image_embeds.device)
+    return logits, labels
