@@ -1,0 +1,438 @@
+"""Data helpers: text normalisation (spec 4.1), annotation/image loading with clear errors, grounding scoring.
+
+Everything that reads user data goes through `load_annotations`, `resolve_image_path` and `open_image_rgb`, so
+a bad file or a bad item always produces a one-line `DataError` that names the annotation file, the item index and
+(for images) the image path.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+import warnings
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+from utils import UserError
+
+
+class DataError(UserError, ValueError):
+    """Bad input data (annotation file, annotation item or image). The message is one line naming the culprit."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text normalisation (spec 4.1)
+# ----------------------------------------------------------------------------------------------------------------
+# Characters removed outright by both cleaners.
+_DELETE_TABLE = str.maketrans('', '', ',.\'!?"()*#:;~')
+# '-' and '/' become spaces (applied after deletion, so '--' becomes two spaces).
+_SPACE_TABLE = str.maketrans({'-': ' ', '/': ' '})
+_MULTI_WS = re.compile(r'\s{2,}')
+
+
+def _truncate_words(text: str, max_words: int) -> str:
+    # Split on the single space character (not str.split()): consecutive spaces yield empty "words" that count
+    # toward the limit, exactly like the original.
+    words = text.split(' ')
+    if len(words) > max_words:
+        return ' '.join(words[:max_words])
+    return text
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """Normalise a caption: lower-case, drop punctuation, collapse whitespace runs, keep at most `max_words` words.
+
+    Order (spec 4.1): lower; delete , . ' ! ? " ( ) * # : ; ~; '-' and '/' -> space, '<person>' -> 'person';
+    runs of >= 2 whitespace characters -> one space (a single tab/newline survives); strip trailing newlines then
+    leading/trailing spaces; truncate on single spaces.
+    """
+    if not isinstance(caption, str):
+        raise TypeError(f'pre_caption expects a str, got {type(caption).__name__}')
+    text = caption.lower().translate(_DELETE_TABLE).translate(_SPACE_TABLE).replace('<person>', 'person')
+    text = _MULTI_WS.sub(' ', text)
+    text = text.rstrip('\n').strip(' ')
+    return _truncate_words(text, max_words)
+
+
+def pre_question(question: str, max_ques_words: int = 50) -> str:
+    """Normalise a VQA question: like `pre_caption` but without '<person>', whitespace collapsing or left strip.
+
+    Only trailing spaces are removed; tabs/newlines and inner space runs survive (and count as empty words for
+    the truncation).
+    """
+    if not isinstance(question, str):
+        raise TypeError(f'pre_question expects a str, got {type(question).__name__}')
+    text = question.lower().translate(_DELETE_TABLE).translate(_SPACE_TABLE)
+    text = text.rstrip(' ')
+    return _truncate_words(text, max_ques_words)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Annotation files
+# ----------------------------------------------------------------------------------------------------------------
+def _type_name(types) -> str:
+    if not isinstance(types, tuple):
+        types = (types,)
+    return ' or '.join('list' if t is list else t.__name__ for t in types)
+
+
+def as_file_list(ann_file, what: str = 'ann_file') -> list[str]:
+    """Accept one path or a list of paths; return a list (empty or non-string entries are errors)."""
+    files = [ann_file] if isinstance(ann_file, (str, os.PathLike)) else ann_file
+    if not isinstance(files, (list, tuple)) or not files:
+        raise DataError(f'{what}: expected a path or a non-empty list of paths, got {ann_file!r}')
+    out = []
+    for f in files:
+        if not isinstance(f, (str, os.PathLike)) or not str(f):
+            raise DataError(f'{what}: expected a path or a list of paths, got entry {f!r}')
+        out.append(os.fspath(f))
+    return out
+
+
+class Annotations:
+    """The concatenated items of one or more JSON annotation files, remembering where each item came from.
+
+    Provenance is stored as per-file start offsets (not per item) so 14M-item pretraining lists stay cheap.
+    Behaves as a read-only list of dicts.
+    """
+
+    def __init__(self, items: list, files: list[str], starts: list[int]):
+        self.items = items
+        self.files = files
+        self.starts = starts
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def origin(self, index: int) -> tuple[str, int]:
+        """(annotation file, index inside that file) of global item `index`."""
+        k = bisect.bisect_right(self.starts, index) - 1
+        return self.files[k], index - self.starts[k]
+
+    def where(self, index: int) -> str:
+        """'file item N' for error messages."""
+        f, i = self.origin(index)
+        return f'{f} item {i}'
+
+
+def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'ann_file',
+                     check: Callable[[dict, str], None] | None = None) -> Annotations:
+    """Load and validate JSON annotation file(s) (one path or a list, concatenated in order).
+
+    Each file must hold a non-empty JSON list of objects; every object must have the keys of `required` with
+    values of the given type(s) (`list` means a list of strings). `check(item, where)` may add task-specific
+    checks and raise DataError. Errors name the file, the item index, the key and the expected type.
+    """
+    files = as_file_list(ann_file, what)
+    items: list = []
+    starts: list[int] = []
+    for path in files:
+        try:
+            with open(path, encoding='utf-8') as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise DataError(f'{what} {path}: file not found') from None
+        except json.JSONDecodeError as e:
+            raise DataError(f'{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f'{path}: cannot read ({e})') from None
+        if not isinstance(data, list):
+            raise DataError(f'{path}: expected a JSON list of objects, got {type(data).__name__}')
+        if not data:
+            raise DataError(f'{path}: the annotation list is empty')
+        for i, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise DataError(f'{path} item {i}: expected an object, got {type(item).__name__}')
+            for key, types in required.items():
+                if key not in item:
+                    raise DataError(f'{path} item {i}: missing key {key!r}')
+                value = item[key]
+                ok_types = types if isinstance(types, tuple) else (types,)
+                # bool is an int subclass: never accept it where a number is meant.
+                if isinstance(value, bool) and bool not in ok_types:
+                    ok = False
+                else:
+                    ok = isinstance(value, ok_types)
+                if ok and isinstance(value, list):
+                    ok = all(isinstance(v, str) for v in value)
+                if not ok:
+                    raise DataError(f'{path} item {i}: key {key!r} must be {_type_name(types)}'
+                                    f'{" of strings" if list in ok_types else ""}, got {value!r:.80}')
+            if check is not None:
+                check(item, f'{path} item {i}')
+        starts.append(len(items))
+        items.extend(data)
+    return Annotations(items, files, starts)
+
+
+def load_answer_list(path) -> list[str]:
+    """The VQA candidate answers: a non-empty JSON list of strings."""
+    if not path:
+        raise DataError('answer_list: a path to a JSON list of answer strings is required for the test split')
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f'answer_list {path}: file not found') from None
+    except json.JSONDecodeError as e:
+        raise DataError(f'{path}: not valid JSON ({e.msg} at line {e.lineno})') from None
+    if not isinstance(data, list) or not data:
+        raise DataError(f'{path}: expected a non-empty JSON list of answer strings')
+    for i, a in enumerate(data):
+        if not isinstance(a, str):
+            raise DataError(f'{path} item {i}: answers must be strings, got {a!r:.80}')
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image paths and image decoding
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_image_path(image_root: str, rel: str, allow_absolute: bool, where: str) -> str:
+    """Join `rel` to `image_root`, refusing paths that escape the root unless `allow_absolute`.
+
+    Escaping = an absolute path or a '..' component. With allow_absolute, the path is used as os.path.join does
+    (absolute paths ignore the root; an empty root leaves relative paths relative to the working directory).
+    """
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f'{where}: image path must be a non-empty string, got {rel!r}')
+    if not allow_absolute:
+        parts = re.split(r'[\\/]', rel)
+        if os.path.isabs(rel) or rel.startswith(('/', '\\')) or '..' in parts:
+            raise DataError(f'{where}: image path {rel!r} escapes image_root {image_root!r} '
+                            f'(absolute or with ..); pass allow_absolute_paths=True to allow it')
+    return os.path.join(image_root or '', rel)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    PIL's own convert('RGB') clips 16/32-bit integer images at 255 (a nearly white picture), so those are
+    rescaled first. Alpha is dropped (as the original's convert('RGB') does); palette images with a transparency
+    entry go through RGBA to avoid PIL's warning.
+    """
+    mode = img.mode
+    if mode == 'RGB':
+        return img
+    if mode.startswith('I;16') or mode == 'I':
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit data (PNG/TIFF) spans 0..65535; 32-bit 'I' images are treated as 16-bit when they fit.
+        scale = 257.0 if arr.size == 0 or arr.max() > 255 else 1.0
+        arr8 = np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode='L').convert('RGB')
+    if mode == 'F':
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:  # float images in [0, 1]
+            arr = arr * 255.0
+        arr8 = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode='L').convert('RGB')
+    if mode == 'P' and 'transparency' in img.info:
+        return img.convert('RGBA').convert('RGB')
+    return img.convert('RGB')
+
+
+def open_image_rgb(path: str, where: str = '') -> Image.Image:
+    """Open an image file fully decoded as 8-bit RGB, or raise DataError naming the path (and `where`).
+
+    Truncated files are errors (ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left False).
+    """
+    prefix = f'{where}: ' if where else ''
+    try:
+        img = Image.open(path)
+        try:
+            img.load()  # decode now so errors surface here; Pillow closes a single-frame file after load()
+            out = _to_rgb(img)
+        except BaseException:
+            img.close()
+            raise
+        if out is not img:
+            img.close()  # free the unconverted copy (and the file of multi-frame formats)
+        return out
+    except FileNotFoundError:
+        raise DataError(f'{prefix}image file not found: {path}') from None
+    except IsADirectoryError:
+        raise DataError(f'{prefix}image path is a directory: {path}') from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f'{prefix}image too large: {path} ({e})') from None
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f'{prefix}cannot read image {path} ({msg})') from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base class for the datasets: bad-image policy
+# ----------------------------------------------------------------------------------------------------------------
+class ImageDatasetBase:
+    """Mixin giving datasets one image-opening path and the optional skip-bad-images policy.
+
+    Subclasses implement `_load(index)` (returning the item tuple) and call `self._open(path, index)` for every
+    image. With `skip_bad_images=False` (default) a missing/unreadable image raises DataError naming the file and
+    the annotation item. With True, the item is replaced by the next readable item (index+1, index+2, ... wrapping
+    around) and `num_skipped` counts the replacements. Note: with DataLoader workers each worker process has its
+    own copy of the counter; substitution in evaluation sets leaves the skipped items out of the metrics.
+    """
+
+    ann: Annotations
+    skip_bad_images: bool = False
+    max_substitutions: int = 1000
+
+    def _init_bad_image_policy(self, skip_bad_images: bool) -> None:
+        self.skip_bad_images = bool(skip_bad_images)
+        self.num_skipped = 0
+        self.bad_items: set[int] = set()
+
+    def _open(self, path: str, index: int) -> Image.Image:
+        return open_image_rgb(path, self.ann.where(index))
+
+    def _load(self, index: int):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ann)
+
+    def __getitem__(self, index: int):
+        if not self.skip_bad_images:
+            return self._load(index)
+        n = len(self)
+        first_error = None
+        for step in range(min(n, self.max_substitutions)):
+            j = (index + step) % n
+            if j in self.bad_items:
+                self.num_skipped += 1
+                continue
+            try:
+                return self._load(j)
+            except DataError as e:
+                warnings.warn(f'skipping bad item: {e}', stacklevel=2)
+                self.bad_items.add(j)
+                self.num_skipped += 1
+                first_error = first_error or e
+        raise DataError(f'no readable item found in {min(n, self.max_substitutions)} items from index {index} '
+                        f'(first error: {first_error})')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grounding (spec 10.8)
+# ----------------------------------------------------------------------------------------------------------------
+def computeIoU(box1: Sequence[float], box2: Sequence[float]) -> float:
+    """IoU of two [x, y, w, h] boxes exactly as the original evaluates it.
+
+    The intersection uses inclusive pixel corners (x2 = x + w - 1) and counts (x2 - x1 + 1)(y2 - y1 + 1) only when
+    x1 < x2 and y1 < y2 (boxes sharing a single row/column count as disjoint); the union uses the plain areas
+    w*h. Both quirks are kept so accuracies match the published numbers.
+    """
+    inter_x1 = max(box1[0], box2[0])
+    inter_y1 = max(box1[1], box2[1])
+    inter_x2 = min(box1[0] + box1[2] - 1, box2[0] + box2[2] - 1)
+    inter_y2 = min(box1[1] + box1[3] - 1, box2[1] + box2[3] - 1)
+    if inter_x1 < inter_x2 and inter_y1 < inter_y2:
+        inter = (inter_x2 - inter_x1 + 1) * (inter_y2 - inter_y1 + 1)
+    else:
+        inter = 0
+    union = box1[2] * box1[3] + box2[2] * box2[3] - inter
+    return float(inter) / union
+
+
+def proposal_scores(heatmap, proposals: Iterable[Sequence[float]], alpha: float = 0.5) -> np.ndarray:
+    """Score each [x, y, w, h, ...] proposal on a heat map already at image size: region sum / (w*h)**alpha.
+
+    The region is rows int(y) .. int(y+h)-1 and columns int(x) .. int(x+w)-1 (as the original slices). Starts
+    below 0 are clamped to 0 (the original's negative slice start would wrap around). Proposals with w*h <= 0
+    score -inf instead of dividing by zero.
+    """
+    m = np.asarray(heatmap.detach().cpu() if hasattr(heatmap, 'detach') else heatmap, dtype=np.float64)
+    if m.ndim != 2:
+        raise ValueError(f'heatmap must be 2-D [H, W], got shape {m.shape}')
+    scores = []
+    for det in proposals:
+        x, y, w, h = (float(v) for v in det[:4])
+        area = w * h
+        if area <= 0:
+            scores.append(-np.inf)
+            continue
+        r0, r1 = max(int(y), 0), max(int(y + h), 0)
+        c0, c1 = max(int(x), 0), max(int(x + w), 0)
+        scores.append(m[r0:r1, c0:c1].sum() / area ** alpha)
+    return np.asarray(scores, dtype=np.float64)
+
+
+class BoxChoice(NamedTuple):
+    index: int          # position of the chosen proposal
+    box: list           # its [x, y, w, h]
+    score: float        # its score
+    fallback: bool      # True when no proposal scored > 0 (the original would have reused a stale box)
+
+
+def choose_box(heatmap, proposals: Sequence[Sequence[float]], alpha: float = 0.5) -> BoxChoice:
+    """Pick the proposal with the highest `proposal_scores` value.
+
+    The original keeps a running maximum starting at 0 and updates it on a strict '>', so the first of tied best
+    scores wins (np.argmax does the same) but when every score is <= 0 it silently keeps the box chosen for the
+    previous expression (or crashes on the first). We instead still take the argmax and flag it with
+    `fallback=True`. Raises ValueError when there are no proposals.
+    """
+    if len(proposals) == 0:
+        raise ValueError('choose_box: no proposals for this image')
+    scores = proposal_scores(heatmap, proposals, alpha)
+    k = int(np.argmax(scores))
+    return BoxChoice(k, [float(v) for v in proposals[k][:4]], float(scores[k]), not bool(scores[k] > 0))
+
+
+def upsample_heatmap(pred, height: int, width: int, mask_size: int | None = None):
+    """Resize a square Grad-CAM map (e.g. 24x24, given as a tensor/array/list, 2-D or flat) to [height, width]
+    with bicubic interpolation (align_corners False), as grounding_eval does. Returns a float tensor on CPU."""
+    import torch
+    import torch.nn.functional as F
+    t = torch.as_tensor(pred, dtype=torch.float32).detach().cpu()
+    if t.dim() != 2:
+        side = mask_size or int(round(t.numel() ** 0.5))
+        t = t.reshape(side, side)
+    out = F.interpolate(t[None, None], size=(int(height), int(width)), mode='bicubic', align_corners=False)
+    return out[0, 0]
+
+
+def grounding_eval(results, dets: Mapping, cocos, refer, alpha: float = 0.5, mask_size: int = 24,
+                   verbose: bool = True) -> dict:
+    """Box accuracy per split (spec 10.8): results = [{'ref_id', 'pred' (mask_size x mask_size)}].
+
+    For each result the map is upsampled to the image size, the best detection of that image is chosen with
+    `choose_box`, and it counts as correct when computeIoU with the ground-truth box is >= 0.5. Returns
+    {'val_d', 'testA_d', 'testB_d'} as fractions (NaN for a split without items, where the original divides by
+    zero). `cocos` is accepted for signature compatibility and unused, as in the original. Difference: when no
+    detection scores > 0 the argmax is used instead of a stale box (see choose_box); the count is printed.
+    """
+    correct = {'val': 0, 'testA': 0, 'testB': 0}
+    num = {'val': 0, 'testA': 0, 'testB': 0}
+    fallbacks = 0
+    for res in results:
+        ref_id = int(res['ref_id'])
+        ref = refer.Refs[ref_id]
+        gt_box = refer.refToAnn[ref_id]['bbox']
+        image = refer.Imgs[ref['image_id']]
+        mask = upsample_heatmap(res['pred'], image['height'], image['width'], mask_size)
+        key = str(ref['image_id'])
+        if key not in dets or not dets[key]:
+            raise DataError(f'detections: no proposals for image_id {key} (ref_id {ref_id})')
+        choice = choose_box(mask, dets[key], alpha)
+        fallbacks += choice.fallback
+        split = ref['split']
+        if split in num:
+            num[split] += 1
+            if computeIoU(gt_box, choice.box) >= 0.5:
+                correct[split] += 1
+    out = {}
+    for split in ('val', 'testA', 'testB'):
+        out[f'{split}_d'] = correct[split] / num[split] if num[split] else float('nan')
+        if verbose:
+            print(f'{split}: {out[split + "_d"]:.3f}')
+    if fallbacks and verbose:
+        print(f'note: for {fallbacks} expression(s) no detection scored > 0; the best-scoring one was used')
+    return out
