@@ -193,6 +193,7 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
     `evaluate_fn(epoch)[best_metric]` improves.
     """
     state = state or TrainState()
+    os.makedirs(output_dir, exist_ok=True)
     log_path = os.path.join(output_dir, 'log.txt')
     sampler = getattr(train_loader, 'sampler', None)
 
@@ -241,3 +242,75 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
 def epoch_count(schedular_cfg: Mapping) -> int:
     """Number of epochs of a schedule (the `epochs` key of the schedular block)."""
     return int(math.ceil(schedular_cfg['epochs']))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building what a task script trains
+# ----------------------------------------------------------------------------------------------------------------
+def build_tokenizer(config: Mapping):
+    """The tokenizer named by config['text_encoder'] (hub name or local folder), original single-text format."""
+    from models.tokenization_bert import BertTokenizer
+    return BertTokenizer.from_pretrained(config.get('text_encoder', 'bert-base-uncased'))
+
+
+def build_model(task: str, config: Mapping, tokenizer, args, device: torch.device, resume: bool = False):
+    """Create the task's model, initialise it (checkpoint, or pretrained BERT/ViT weights), move it, wrap in DDP.
+
+    With `resume` the weights come later from the run's own checkpoint (see `resume_training`).
+    Returns (model, model_without_ddp).
+    """
+    import models
+    from models.checkpoint import load_checkpoint
+    from models.pretrained import apply_pretrained
+    model = models.create_model(task, config, tokenizer)
+    if args.checkpoint and not resume:
+        report = load_checkpoint(model, args.checkpoint, task, allow_pickle=args.unsafe_load)
+        print(f'loaded checkpoint {args.checkpoint} ({report.get("source_kind", "?")} -> {task})')
+    elif not resume:
+        apply_pretrained(model, config)
+        model.copy_params()
+    model.to(device)
+    model_without_ddp = model
+    if getattr(args, 'distributed', False):
+        device_ids = [args.gpu] if device.type == 'cuda' else None
+        # Some variants own parameters that get no gradient (the TA model's text_proj and temp).
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=(task == 'pretrain_nlvr'))
+    return model, model_without_ddp
+
+
+def build_optimizer_and_scheduler(config: Mapping, model_without_ddp):
+    """Optimizer from the YAML `optimizer:` block, scheduler from `schedular:`; returns (opt, sched, epochs)."""
+    from optim import create_optimizer
+    from scheduler import create_scheduler
+    optimizer = create_optimizer(utils.AttrDict(config['optimizer']), model_without_ddp)
+    lr_scheduler, _ = create_scheduler(utils.AttrDict(config['schedular']), optimizer)
+    return optimizer, lr_scheduler, epoch_count(config['schedular'])
+
+
+def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_scheduler) -> TrainState:
+    """With --resume, restore everything from --checkpoint or output_dir/checkpoint_last.pth; else a fresh state."""
+    if not args.resume:
+        return TrainState()
+    from models.checkpoint import read_checkpoint
+    path = args.checkpoint or os.path.join(args.output_dir, 'checkpoint_last.pth')
+    if not os.path.isfile(path):
+        raise TrainingError(f'--resume: no checkpoint to resume from at {path}')
+    checkpoint = read_checkpoint(path, allow_pickle=args.unsafe_load)
+    if 'config' in checkpoint:
+        check_resume_config(checkpoint['config'], config, path)
+    state = restore_training(checkpoint, model_without_ddp, optimizer, lr_scheduler)
+    print(f'resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch} of that epoch')
+    return state
+
+
+def engine_config(config: Mapping, **overrides) -> EngineConfig:
+    """Loop settings from a task config (alpha, warm_up, warm-up epochs, precision, accumulation, print_freq)."""
+    cfg = EngineConfig(alpha=float(config.get('alpha', 0.0)), warm_up=bool(config.get('warm_up', True)),
+                       warmup_steps=int(config['schedular'].get('warmup_epochs', 0)),
+                       precision=config.get('precision', 'fp32'),
+                       grad_accum_steps=int(config.get('grad_accum_steps', 1)),
+                       print_freq=int(config.get('print_freq', 50)))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg

@@ -17,3 +17,23 @@ def ref_dir():
     if not os.path.isdir(path):
         pytest.fail(f'reference fixtures not found at {path} (set ALBEF_REF_DIR)')
     return os.path.abspath(path)
+
+
+@pytest.fixture(scope='session')
+def toy_world(tmp_path_factory):
+    """A freshly seeded toy world for the learning tests (seed from env TOY_SEED, default 1)."""
+    from tests.toy import generate_world
+    seed = int(os.environ.get('TOY_SEED', '1'))
+    return generate_world(str(tmp_path_factory.mktemp('toy') / f'world_seed{seed}'), seed)
+
+
+@pytest.fixture(scope='session')
+def toy_pretrain(toy_world, tmp_path_factory):
+    """One toy pretraining shared by every learning test: returns its output folder (checkpoint_last.pth, log.txt)."""
+    import Pretrain
+    from tests.toy import make_toy_config
+    work = tmp_path_factory.mktemp('toy_pretrain')
+    cfg = make_toy_config('Pretrain', toy_world, str(work / 'Pretrain.yaml'))
+    out = work / 'out'
+    Pretrain.main(['--config', cfg, '--output_dir', str(out), '--device', 'cpu', '--no-distributed'])
+    return str(out)

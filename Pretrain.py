@@ -1,0 +1,54 @@
+"""ALBEF pretraining: image-text contrastive (ITC), image-text matching (ITM) and masked language modelling (MLM).
+
+    python Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
+    torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/Pretrain
+    python Pretrain.py --config configs/toy/Pretrain.yaml --output_dir output/toy_pretrain
+"""
+import argparse
+import sys
+
+import engine
+import utils
+from dataset import create_dataset
+from dataset.resumable import build_train_loader
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('ALBEF pretraining', parents=[
+        utils.get_parent_parser('./configs/Pretrain.yaml', 'output/Pretrain')])
+    parser.add_argument('--save_every_steps', default=0, type=int,
+                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
+    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
+    return parser
+
+
+def make_step_fn(tokenizer, device, max_tokens=25):
+    """Batch (images, captions) -> the model's three losses."""
+    def step(model, batch, alpha):
+        images, captions = batch
+        text = tokenizer(list(captions), padding='longest', truncation=True, max_length=max_tokens,
+                         return_tensors='pt')
+        return model(images.to(device, non_blocking=True), text.input_ids.to(device),
+                     text.attention_mask.to(device), alpha=alpha)
+    return step
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    config, device = utils.prepare_run(args, required=['train_file', 'bert_config', 'image_res', 'batch_size',
+                                                       'optimizer', 'schedular'])
+    tokenizer = engine.build_tokenizer(config)
+    dataset = create_dataset('pretrain', config)
+    loader = build_train_loader(dataset, config['batch_size'], config.get('num_workers', 4), args.seed)
+    model, model_without_ddp = engine.build_model('pretrain', config, tokenizer, args, device, resume=args.resume)
+    optimizer, lr_scheduler, num_epochs = engine.build_optimizer_and_scheduler(config, model_without_ddp)
+    state = engine.resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
+    engine.fit(model=model, model_without_ddp=model_without_ddp, train_loader=loader, optimizer=optimizer,
+               scheduler=lr_scheduler, step_fn=make_step_fn(tokenizer, device), config=config,
+               engine_cfg=engine.engine_config(config, save_every_steps=args.save_every_steps,
+                                               max_steps_per_epoch=args.max_steps_per_epoch),
+               device=device, output_dir=args.output_dir, num_epochs=num_epochs, state=state)
+
+
+if __name__ == '__main__':
+    sys.exit(utils.run_cli(main))

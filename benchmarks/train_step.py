@@ -1,0 +1,183 @@
+"""Time one ALBEF pretraining step (zero grad, forward with alpha 0.4, backward, AdamW step) and its peak memory.
+
+    python benchmarks/train_step.py --size small --batch 16 --precision bf16          # one row, this process
+    python benchmarks/train_step.py --size small --batch 16 --compare                 # baseline vs fast, a table
+    python benchmarks/train_step.py --size full --batch 4 --grad-checkpointing --json # one JSON line
+
+Inputs are random images and 25-token texts. Each measurement is the median of --steps timed steps after
+--warmup untimed ones, with 2 threads. Peak memory is the process's peak RSS, so a clean comparison runs each
+configuration in its own process: `--compare` does that and prints our fp32 eager path with explicit
+(manual) attention beside the requested fast path, so the ratio is measured on the same machine and moment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SIZES = {
+    # ViT-B/16 + BERT-base at 256 px: the paper's model.
+    'full': dict(image_res=256, patch_size=16, vision_width=768, vision_depth=12, vision_num_heads=12,
+                 bert=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                           fusion_layer=6)),
+    'small': dict(image_res=128, patch_size=16, vision_width=384, vision_depth=6, vision_num_heads=6,
+                  bert=dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
+                            fusion_layer=3)),
+    'toy': dict(image_res=64, patch_size=8, vision_width=128, vision_depth=4, vision_num_heads=4,
+                bert=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                          fusion_layer=2, vocab_size=200)),
+}
+TEXT_LEN = 25
+
+
+def build_config(size: str, grad_checkpointing: bool) -> dict:
+    spec = SIZES[size]
+    with open(os.path.join(ROOT, 'configs', 'config_bert.json')) as f:
+        bert = json.load(f)
+    bert.update(spec['bert'])
+    bert['encoder_width'] = spec['vision_width']
+    config = {k: v for k, v in spec.items() if k != 'bert'}
+    config.update(bert_config=bert, embed_dim=256, queue_size=65536, temp=0.07, momentum=0.995,
+                  mlm_probability=0.15, alpha=0.4, grad_checkpointing=grad_checkpointing)
+    return config
+
+
+class _Tokenizer:
+    """The special ids the MLM masking reads (bert-base-uncased layout); no vocabulary needed here."""
+    pad_token_id, cls_token_id, sep_token_id, mask_token_id, unk_token_id = 0, 101, 102, 103, 100
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def __len__(self):
+        return self.vocab_size
+
+
+def use_manual_attention(model) -> None:
+    """Compute every attention explicitly (softmax(QK^T)V), like the original code, instead of fused SDPA."""
+    for module in model.modules():
+        if hasattr(module, 'save_attention'):
+            module.save_attention = True
+
+
+def measure(args) -> dict:
+    import torch
+    import engine
+    import models
+    from optim import create_optimizer
+    from utils import AttrDict
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    config = build_config(args.size, args.grad_checkpointing)
+    vocab = config['bert_config']['vocab_size']
+    model = models.create_model('pretrain', config, _Tokenizer(vocab))
+    model.copy_params()
+    if args.manual_attention:
+        use_manual_attention(model)
+    model.to(device).train()
+    optimizer = create_optimizer(AttrDict(opt='adamW', lr=1e-4, weight_decay=0.02), model)
+    step_model = torch.compile(model) if args.compile else model
+    b, r = args.batch, config['image_res']
+    images = torch.randn(b, 3, r, r, device=device)
+    ids = torch.randint(1000, vocab, (b, TEXT_LEN), device=device) if vocab > 1000 else \
+        torch.randint(5, vocab, (b, TEXT_LEN), device=device)
+    ids[:, 0] = 101 if vocab > 1000 else 2
+    mask = torch.ones_like(ids)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with engine.autocast(device, args.precision):
+            losses = step_model(images, ids, mask, alpha=0.4)
+        sum(losses.values()).backward()
+        optimizer.step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = dict(size=args.size, batch=b, precision=args.precision, device=args.device,
+                  grad_checkpointing=args.grad_checkpointing, attention='manual' if args.manual_attention else 'sdpa',
+                  compile=args.compile, median_step_s=statistics.median(times), min_step_s=min(times),
+                  max_step_s=max(times), samples_per_s=b / statistics.median(times), peak_rss_mb=peak_rss_mb)
+    if device.type == 'cuda':
+        result['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
+
+
+def row(r: dict) -> str:
+    variant = f"{r['precision']} {r['attention']}" + (' ckpt' if r['grad_checkpointing'] else '') + \
+              (' compile' if r['compile'] else '')
+    return (f"| {r['size']} | {r['batch']} | {variant} | {r['median_step_s']:.3f} | {r['min_step_s']:.3f} / "
+            f"{r['max_step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+HEADER = ('| size | batch | variant | median s/step | min / max | samples/s | peak RSS MB |\n'
+          '| --- | --- | --- | --- | --- | --- | --- |')
+
+
+def run_subprocess(argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *argv, '--json'], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--size', choices=sorted(SIZES), default='small')
+    p.add_argument('--batch', type=int, default=None, help='default: 4 (full), 16 (small), 32 (toy)')
+    p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
+    p.add_argument('--grad-checkpointing', action='store_true')
+    p.add_argument('--manual-attention', action='store_true', help='explicit softmax attention (baseline)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (compile time excluded)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--steps', type=int, default=5)
+    p.add_argument('--json', action='store_true', help='print one JSON line (one measurement, this process)')
+    p.add_argument('--compare', action='store_true',
+                   help='measure the fp32 manual-attention baseline and the requested variant, each in a subprocess')
+    p.add_argument('--out', default=None, help='also write the results as JSON to this file')
+    args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = {'full': 4, 'small': 16, 'toy': 32}[args.size]
+    common = ['--size', args.size, '--batch', str(args.batch), '--device', args.device, '--threads',
+              str(args.threads), '--warmup', str(args.warmup), '--steps', str(args.steps)]
+    if args.compare:
+        fast = common + ['--precision', args.precision] + (['--grad-checkpointing'] if args.grad_checkpointing
+                                                           else []) + (['--compile'] if args.compile else [])
+        results = [run_subprocess(common + ['--precision', 'fp32', '--manual-attention']), run_subprocess(fast)]
+        print(HEADER)
+        for r in results:
+            print(row(r))
+        speedup = results[0]['median_step_s'] / results[1]['median_step_s']
+        print(f'\nspeed-up of the fast path over the fp32 manual-attention baseline: {speedup:.2f}x; '
+              f"peak memory ratio {results[1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.2f}")
+    else:
+        results = [measure(args)]
+        if args.json:
+            print(json.dumps(results[0]))
+        else:
+            print(HEADER)
+            print(row(results[0]))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
