@@ -182,6 +182,21 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn: StepFn, device
     return logger.averages()
 
 
+def _step_scheduler(scheduler, t: int, config: Mapping, last_record: Mapping) -> None:
+    """Epoch-level scheduler step; a plateau schedule also gets last epoch's `schedular.eval_metric` value."""
+    from scheduler import PlateauLRScheduler
+    if not isinstance(scheduler, PlateauLRScheduler):
+        scheduler.step(t)
+        return
+    key = config['schedular'].get('eval_metric', 'loss')
+    for name in (key, f'train_{key}'):
+        if name in last_record:
+            scheduler.step(t, float(last_record[name]))
+            return
+    raise TrainingError(f"schedular.eval_metric '{key}' is not among last epoch's metrics "
+                        f"({', '.join(sorted(last_record))})")
+
+
 def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn: StepFn, config: Mapping,
         engine_cfg: EngineConfig, device: torch.device, output_dir: str, num_epochs: int,
         state: TrainState | None = None, evaluate_fn: Callable[[int], dict] | None = None,
@@ -204,6 +219,7 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
         utils.barrier()
 
     start_time = time.time()
+    last_record: dict = {}
     while state.epoch < num_epochs:
         epoch = state.epoch
         if isinstance(sampler, ResumableSampler):
@@ -211,7 +227,7 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
         elif hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch)
         if epoch > 0 and state.step_in_epoch == 0:
-            scheduler.step(epoch + engine_cfg.warmup_steps)
+            _step_scheduler(scheduler, epoch + engine_cfg.warmup_steps, config, last_record)
         train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, step_fn, device, engine_cfg,
                                       state, save_fn=save)
         record = {f'train_{k}': v for k, v in train_stats.items()}
@@ -228,6 +244,7 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if utils.is_main_process():
             utils.append_json_line(log_path, record)
+        last_record = record
         if save_epoch_checkpoints:
             save(state, f'checkpoint_{epoch:02d}.pth')
         if improved:
