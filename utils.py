@@ -283,7 +283,7 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     'train_file': _STR_OR_LIST, 'val_file': _STR_OR_LIST, 'test_file': _STR_OR_LIST,
     'image_root': (str,), 'vqa_root': (str,), 'vg_root': (str,), 'answer_list': (str,),
     'refcoco_data': (str,), 'det_file': (str,), 'coco_file': (str,), 'eos': (str,),
-    'max_words': (int,), 'skip_bad_images': (bool,), 'allow_absolute_paths': (bool,), 'num_workers': (int,),
+    'max_words': (int,), 'augment': (dict,), 'skip_bad_images': (bool,), 'allow_absolute_paths': (bool,), 'num_workers': (int,),
     # model
     'bert_config': (str, dict), 'image_res': (int,), 'patch_size': (int,), 'vision_width': (int,),
     'vision_depth': (int,), 'vision_num_heads': (int,), 'mlp_ratio': _NUM, 'embed_dim': (int,),
@@ -304,7 +304,7 @@ SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 
 POSITIVE_INT_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
                      'queue_size', 'batch_size', 'batch_size_train', 'batch_size_test', 'k_test', 'max_words',
                      'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size'}
-CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc')}
+CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc', 'itc')}
 
 
 def _type_names(types: tuple) -> str:
@@ -351,6 +351,8 @@ def validate_config(config: Mapping, path: str = '<config>', required: Sequence[
             _check_block(path, name, config[name], SCHEDULER_KEYS, ('sched', 'epochs'))
     if 'schedular' in config and 'scheduler' in config:
         raise ConfigError(f"{path}: give either 'schedular' (original spelling) or 'scheduler', not both")
+    if 'augment' in config:
+        _check_block(path, 'augment', config['augment'], {'crop_min_scale', 'hflip', 'randaug_ops'}, ())
     if isinstance(config.get('grad_checkpointing'), list):
         bad = [x for x in config['grad_checkpointing'] if x not in ('vision', 'text')]
         if bad:

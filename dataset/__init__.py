@@ -55,17 +55,18 @@ def create_dataset(name: str, config: Mapping):
         raise ValueError(f'unknown dataset {name!r}; expected one of {", ".join(DATASET_NAMES)}')
     res = _require(config, 'image_res', name)
     max_words = config.get('max_words', 30)
+    augment = config.get('augment')
     skip = bool(config.get('skip_bad_images', False))
     allow_abs = bool(config.get('allow_absolute_paths', False))
     req = lambda key: _require(config, key, name)  # noqa: E731
 
     if name in ('pretrain', 'nlvr_pretrain'):
-        return pretrain_dataset(req('train_file'), build_transform('pretrain', res), max_words,
+        return pretrain_dataset(req('train_file'), build_transform('pretrain', res, augment), max_words,
                                 image_root=config.get('image_root', '') or '',
                                 allow_absolute_paths=bool(config.get('allow_absolute_paths', True)),
                                 skip_bad_images=skip)
 
-    train_tf = build_transform('train', res)
+    train_tf = build_transform('train', res, augment)
     test_tf = build_transform('test', res)
     opts = dict(allow_absolute_paths=allow_abs)
     if name == 're':
@@ -93,7 +94,7 @@ def create_dataset(name: str, config: Mapping):
                 ve_dataset(req('test_file'), test_tf, root, max_words, **opts))
     # grounding
     root = req('image_root')
-    return (grounding_dataset(req('train_file'), build_transform('grounding_train', res), root, max_words,
+    return (grounding_dataset(req('train_file'), build_transform('grounding_train', res, augment), root, max_words,
                               mode='train', skip_bad_images=skip, **opts),
             grounding_dataset(req('test_file'), test_tf, root, max_words, mode='test', **opts))
 

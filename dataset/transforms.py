@@ -18,12 +18,15 @@ def normalize() -> transforms.Normalize:
     return transforms.Normalize(MEAN, STD)
 
 
-def random_augment() -> RandomAugment:
-    """RandomAugment(2, 7, isPIL=True) over the 10 ops every training transform uses."""
-    return RandomAugment(2, 7, isPIL=True, augs=list(DEFAULT_AUGS))
+def random_augment(ops=None) -> RandomAugment:
+    """RandomAugment(2, 7, isPIL=True) over `ops` (default: the 10 ops every original training transform uses)."""
+    return RandomAugment(2, 7, isPIL=True, augs=list(DEFAULT_AUGS if ops is None else ops))
 
 
-def build_transform(kind: str, image_res: int) -> transforms.Compose:
+AUGMENT_KEYS = {'crop_min_scale', 'hflip', 'randaug_ops'}
+
+
+def build_transform(kind: str, image_res: int, augment: dict | None = None) -> transforms.Compose:
     """The transform `kind` at resolution `image_res` (spec 4.4).
 
     pretrain: RandomResizedCrop(scale 0.2-1) -> flip -> RandomAugment -> ToTensor -> Normalize.
@@ -31,16 +34,26 @@ def build_transform(kind: str, image_res: int) -> transforms.Compose:
     test: Resize to exactly (R, R) (aspect ratio not kept) -> ToTensor -> Normalize.
     grounding_train: Resize (R, R) -> flip -> RandomAugment -> ToTensor -> Normalize (no crop).
     All resizes are bicubic. RandomAugment returns a uint8 numpy array that ToTensor scales to [0, 1].
+
+    `augment` (the config's optional `augment:` block) adapts the training transforms to data whose text the
+    original augmentation would falsify: `crop_min_scale` (a crop can cut out counted objects), `hflip`
+    (flips swap left and right), `randaug_ops` (colour ops change colour words). Defaults are the original's.
     """
     if isinstance(image_res, bool) or not isinstance(image_res, int) or image_res <= 0:
         raise ValueError(f'image_res must be a positive int, got {image_res!r}')
+    augment = augment or {}
+    unknown = set(augment) - AUGMENT_KEYS
+    if unknown:
+        raise ValueError(f'unknown augment key(s) {sorted(unknown)}; expected {sorted(AUGMENT_KEYS)}')
+    flip = [transforms.RandomHorizontalFlip()] if augment.get('hflip', True) else []
+    randaug = random_augment(augment.get('randaug_ops'))
     bicubic = InterpolationMode.BICUBIC
     if kind in ('pretrain', 'train'):
-        scale = (0.2, 1.0) if kind == 'pretrain' else (0.5, 1.0)
+        scale = (augment.get('crop_min_scale', 0.2 if kind == 'pretrain' else 0.5), 1.0)
         return transforms.Compose([
             transforms.RandomResizedCrop(image_res, scale=scale, interpolation=bicubic),
-            transforms.RandomHorizontalFlip(),
-            random_augment(),
+            *flip,
+            randaug,
             transforms.ToTensor(),
             normalize(),
         ])
@@ -53,8 +66,8 @@ def build_transform(kind: str, image_res: int) -> transforms.Compose:
     if kind == 'grounding_train':
         return transforms.Compose([
             transforms.Resize((image_res, image_res), interpolation=bicubic),
-            transforms.RandomHorizontalFlip(),
-            random_augment(),
+            *flip,
+            randaug,
             transforms.ToTensor(),
             normalize(),
         ])

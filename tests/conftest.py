@@ -29,11 +29,10 @@ def toy_world(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def toy_pretrain(toy_world, tmp_path_factory):
-    """One toy pretraining shared by every learning test: returns its output folder (checkpoint_last.pth, log.txt)."""
-    import Pretrain
-    from tests.toy import make_toy_config
-    work = tmp_path_factory.mktemp('toy_pretrain')
-    cfg = make_toy_config('Pretrain', toy_world, str(work / 'Pretrain.yaml'))
-    out = work / 'out'
-    Pretrain.main(['--config', cfg, '--output_dir', str(out), '--device', 'cpu', '--no-distributed'])
-    return str(out)
+    """One toy pretraining shared by every learning test: returns its output folder (checkpoint_last.pth, log.txt).
+
+    Concurrent pytest sessions on one machine share it through a cache keyed on the hash of everything the
+    result depends on (code, toy config, world arguments, torch version); a lock makes them wait for one run.
+    """
+    from tests.toy import pretrain_cached
+    return pretrain_cached(toy_world, str(tmp_path_factory.getbasetemp().parent / 'albef_toy_pretrain_cache'))

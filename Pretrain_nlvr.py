@@ -1,0 +1,63 @@
+"""ALBEF text-assignment ("TA") pretraining for NLVR2: given a caption and two images, say which image it
+describes (first, second, neither). Prepares the 18-layer-rule encoder that NLVR.py fine-tunes.
+
+    python Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --output_dir output/NLVR_pretrain --checkpoint ALBEF.pth
+    torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml --output_dir output/NLVR_pretrain --checkpoint ALBEF.pth
+
+--checkpoint is a pretraining checkpoint (ALBEF.pth, or Pretrain.py's checkpoint_XX.pth): the checkpoint loader
+duplicates each of its fusion layers into two consecutive layers of the TA encoder. Outputs in output_dir:
+checkpoint_XX.pth after every epoch (what NLVR.py takes), checkpoint_last.pth (resume point), log.txt.
+"""
+import argparse
+import sys
+
+import engine
+import utils
+from dataset import create_dataset
+from dataset.resumable import build_train_loader
+
+MIN_BATCH = 3  # the "neither" label needs two images other than the caption's own
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('ALBEF TA pretraining for NLVR2', parents=[
+        utils.get_parent_parser('./configs/NLVR_pretrain.yaml', 'output/NLVR_pretrain')])
+    parser.add_argument('--save_every_steps', default=0, type=int,
+                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
+    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
+    return parser
+
+
+def make_step_fn(tokenizer, device, max_tokens=25):
+    """Batch (images, captions) -> {'loss'} (3-way text-assignment CE; no distillation, so alpha is unused)."""
+    def step(model, batch, alpha):
+        images, captions = batch
+        text = tokenizer(list(captions), padding='longest', truncation=True, max_length=max_tokens,
+                         return_tensors='pt')
+        return model(images.to(device, non_blocking=True), text.input_ids.to(device), text.attention_mask.to(device))
+    return step
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    config, device = utils.prepare_run(args, required=['train_file', 'bert_config', 'image_res', 'batch_size',
+                                                       'optimizer', 'schedular'])
+    if config['batch_size'] < MIN_BATCH:
+        raise utils.ConfigError(f"{args.config}: key 'batch_size' must be >= {MIN_BATCH} for TA pretraining "
+                                f"(a pair of two other images is drawn per caption), got {config['batch_size']}")
+    tokenizer = engine.build_tokenizer(config)
+    dataset = create_dataset('nlvr_pretrain', config)
+    loader = build_train_loader(dataset, config['batch_size'], config.get('num_workers', 4), args.seed)
+    model, model_without_ddp = engine.build_model('pretrain_nlvr', config, tokenizer, args, device,
+                                                  resume=args.resume)
+    optimizer, lr_scheduler, num_epochs = engine.build_optimizer_and_scheduler(config, model_without_ddp)
+    state = engine.resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
+    return engine.fit(model=model, model_without_ddp=model_without_ddp, train_loader=loader, optimizer=optimizer,
+                      scheduler=lr_scheduler, step_fn=make_step_fn(tokenizer, device), config=config,
+                      engine_cfg=engine.engine_config(config, alpha=0.0, save_every_steps=args.save_every_steps,
+                                                      max_steps_per_epoch=args.max_steps_per_epoch),
+                      device=device, output_dir=args.output_dir, num_epochs=num_epochs, state=state)
+
+
+if __name__ == '__main__':
+    sys.exit(utils.run_cli(main))

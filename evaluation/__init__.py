@@ -1,0 +1,1 @@
+"""Evaluation code shared by the task scripts (one module per concern)."""

@@ -1,0 +1,207 @@
+"""The classification evaluator shared by NLVR.py and VE.py: accuracy and per-class accuracy over a loader.
+
+The original's NLVR2 / SNLI-VE `evaluate` averages batch accuracies weighted by batch size on every rank and
+all-reduces them, so the items that DistributedSampler repeats to even out the shards are counted twice (spec 15.13).
+Here every rank records the dataset index of each item it predicted (read from the loader's batch sampler), the
+(index, prediction, target) triples are gathered from all ranks, and each index is counted once. At world size 1
+without a process group the gather is a no-op.
+
+Pieces, from low to high level:
+
+* `collect_predictions` - this rank's (indices, predictions, targets) for one loader;
+* `merge_shards` - the union of the ranks' results without duplicates, ordered by dataset index;
+* `accuracy_metrics` - accuracy, per-class accuracy and the confusion matrix of predictions vs. targets;
+* `evaluate` - the three above, gathered across ranks;
+* `build_eval_loaders`, `EpochEvaluator`, `load_for_evaluation`, `write_json` - what a task script needs to
+  evaluate named splits every epoch (or once, with --evaluate) and to write the readable results file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+import utils
+
+# predict_fn(model, batch) -> (logits [B, C], targets [B]); it moves the batch to the model's device itself.
+PredictFn = Callable[[torch.nn.Module, object], tuple]
+
+
+def _batch_indices(loader: DataLoader) -> list[list[int]]:
+    """The dataset indices of every batch the loader will yield, in order.
+
+    The batch sampler is iterated once here and once by the loader, so its order must not depend on a fresh
+    random draw: a shuffling RandomSampler is refused (DistributedSampler is deterministic for a given epoch).
+    """
+    if getattr(loader, 'batch_sampler', None) is None:
+        raise ValueError('evaluation loader must batch with a sampler (batch_size set); got batch_size=None')
+    if isinstance(loader.sampler, RandomSampler):
+        raise ValueError('evaluation loader must not shuffle (its RandomSampler gives another order on every pass)')
+    return [list(map(int, b)) for b in loader.batch_sampler]
+
+
+@torch.no_grad()
+def collect_predictions(model: torch.nn.Module, loader: DataLoader, predict_fn: PredictFn, *,
+                        header: str = 'Evaluation', print_freq: int = 50) -> dict[str, list[int]]:
+    """Run `predict_fn` over this rank's share of `loader`; returns {'index', 'pred', 'target'} lists.
+
+    The model is put in eval mode for the pass and restored to its previous mode afterwards.
+    """
+    index_batches = _batch_indices(loader)
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[int]] = {'index': [], 'pred': [], 'target': []}
+    logger = utils.MetricLogger(window_size=50)
+    try:
+        for indices, batch in logger.log_every(zip(index_batches, loader), print_freq, header,
+                                               total=len(index_batches)):
+            logits, targets = predict_fn(model, batch)
+            if logits.dim() != 2 or logits.size(0) != len(indices) or targets.numel() != len(indices):
+                raise RuntimeError(f'{header}: predict_fn returned logits {tuple(logits.shape)} and '
+                                   f'{targets.numel()} targets for a batch of {len(indices)} items')
+            pred = logits.argmax(dim=1).cpu()
+            targets = targets.reshape(-1).cpu().long()
+            logger.update(acc=(pred == targets).float().mean().item())
+            out['index'] += indices
+            out['pred'] += pred.tolist()
+            out['target'] += targets.tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def merge_shards(shards: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, list[int]]:
+    """Union of per-rank results, each dataset index once (the first occurrence), sorted by index.
+
+    DistributedSampler pads the last shards with repeats of the first indices; they are dropped here.
+    """
+    seen: dict[int, tuple[int, int]] = {}
+    for shard in shards:
+        for i, p, t in zip(shard['index'], shard['pred'], shard['target']):
+            seen.setdefault(int(i), (int(p), int(t)))
+    order = sorted(seen)
+    return {'index': order, 'pred': [seen[i][0] for i in order], 'target': [seen[i][1] for i in order]}
+
+
+def accuracy_metrics(preds: Sequence[int], targets: Sequence[int], class_names: Sequence[str]) -> dict:
+    """Accuracy (a fraction, as the original), per-class accuracy (recall of each target class; None for a class
+    with no items), per-class counts, their unweighted mean, and the confusion matrix [target][prediction]."""
+    n_cls = len(class_names)
+    confusion = [[0] * n_cls for _ in range(n_cls)]
+    for p, t in zip(preds, targets):
+        if not (0 <= t < n_cls and 0 <= p < n_cls):
+            raise ValueError(f'prediction {p} / target {t} outside the {n_cls} classes {list(class_names)}')
+        confusion[t][p] += 1
+    n = len(targets)
+    correct = sum(confusion[c][c] for c in range(n_cls))
+    counts = {name: sum(confusion[c]) for c, name in enumerate(class_names)}
+    per_class = {name: (confusion[c][c] / counts[name] if counts[name] else None)
+                 for c, name in enumerate(class_names)}
+    present = [v for v in per_class.values() if v is not None]
+    return {'acc': correct / n if n else 0.0, 'n': n, 'per_class_acc': per_class, 'per_class_n': counts,
+            'mean_per_class_acc': sum(present) / len(present) if present else 0.0, 'confusion': confusion}
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, predict_fn: PredictFn, class_names: Sequence[str], *,
+             header: str = 'Evaluation', print_freq: int = 50) -> dict:
+    """Accuracy metrics of `model` on the whole dataset behind `loader`, gathered across ranks without the
+    sampler's padded duplicates (every rank gets the same result). See `accuracy_metrics` for the keys."""
+    local = collect_predictions(model, loader, predict_fn, header=header, print_freq=print_freq)
+    merged = merge_shards(utils.all_gather_object(local))
+    expected = len(loader.dataset)
+    if len(merged['index']) != expected:
+        # A drop_last loader or a sampler that skips items would make the metric silently partial.
+        raise RuntimeError(f'{header}: predictions cover {len(merged["index"])} of {expected} items')
+    return accuracy_metrics(merged['pred'], merged['target'], class_names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the task scripts build on
+# ----------------------------------------------------------------------------------------------------------------
+def build_eval_loaders(datasets: Sequence, batch_size: int, num_workers: int) -> list[DataLoader]:
+    """In-order evaluation loaders, sharded across ranks when torch.distributed runs (padding is undone by
+    `merge_shards`), plain sequential loaders otherwise."""
+    from dataset import create_loader, create_sampler
+    n = len(datasets)
+    if utils.is_dist_avail_and_initialized():
+        samplers = create_sampler(datasets, [False] * n, utils.get_world_size(), utils.get_rank())
+    else:
+        samplers = [None] * n
+    return create_loader(datasets, samplers, [batch_size] * n, [num_workers] * n, [False] * n, [None] * n)
+
+
+def write_json(path: str, obj) -> None:
+    """Write a readable (indented) JSON file atomically, on the main process only."""
+    if utils.is_main_process():
+        utils.atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
+
+
+class EpochEvaluator:
+    """evaluate_fn for engine.fit: evaluates named splits and returns the log record of an epoch.
+
+    The record holds '<split>_acc' (the best-metric key is 'val_acc') and '<split>_per_class_acc' for each split;
+    the full metrics (with counts and confusion matrices) of every epoch go to the readable `results_path` JSON,
+    which `finish` completes with the best epoch and its metrics.
+    """
+
+    def __init__(self, model: torch.nn.Module, loaders: Mapping[str, DataLoader], predict_fn: PredictFn,
+                 class_names: Sequence[str], results_path: str, *, resume: bool = False, print_freq: int = 50):
+        self.model, self.loaders, self.predict_fn = model, dict(loaders), predict_fn
+        self.class_names, self.results_path, self.print_freq = list(class_names), results_path, print_freq
+        self.results: dict = {'class_names': self.class_names, 'epochs': {}}
+        if resume and os.path.isfile(results_path):  # keep the epochs evaluated before the interruption
+            with open(results_path, encoding='utf-8') as f:
+                self.results['epochs'] = json.load(f).get('epochs', {})
+
+    def run(self, label: str) -> dict[str, dict]:
+        """Metrics of every split, stored under `label` in the results file; returns {split: metrics}."""
+        metrics = {split: evaluate(self.model, loader, self.predict_fn, self.class_names,
+                                   header=f'Evaluate {split} [{label}]', print_freq=self.print_freq)
+                   for split, loader in self.loaders.items()}
+        for split, m in metrics.items():
+            print(f'{split}: acc {m["acc"]:.4f} on {m["n"]} items; per class '
+                  + ', '.join(f'{k} {"-" if v is None else f"{v:.4f}"}' for k, v in m['per_class_acc'].items()),
+                  flush=True)
+        self.results['epochs'][label] = metrics
+        write_json(self.results_path, self.results)
+        return metrics
+
+    @staticmethod
+    def record(metrics: Mapping[str, dict]) -> dict:
+        """The log.txt fields of one evaluation: <split>_acc and <split>_per_class_acc."""
+        out = {}
+        for split, m in metrics.items():
+            out[f'{split}_acc'] = m['acc']
+            out[f'{split}_per_class_acc'] = m['per_class_acc']
+        return out
+
+    def __call__(self, epoch: int) -> dict:
+        return self.record(self.run(str(epoch)))
+
+    def finish(self, best_epoch: int | None) -> None:
+        """Add the best epoch (by validation accuracy, chosen by engine.fit) and its metrics to the results file."""
+        if best_epoch is not None and str(best_epoch) in self.results['epochs']:
+            self.results['best_epoch'] = best_epoch
+            self.results['best'] = self.results['epochs'][str(best_epoch)]
+        write_json(self.results_path, self.results)
+
+
+def load_for_evaluation(task: str, config: Mapping, tokenizer, args, device: torch.device) -> torch.nn.Module:
+    """The `task` model with the weights of a fine-tuned `task` checkpoint (--evaluate), on `device`.
+
+    Any other checkpoint kind (a pretraining or TA checkpoint) would leave the classifier head random, so it is
+    refused with a one-line error naming the file and its kind.
+    """
+    import models
+    from models.checkpoint import load_checkpoint
+    if not args.checkpoint:
+        raise utils.UserError(f'--evaluate needs --checkpoint (a fine-tuned {task} checkpoint)')
+    model = models.create_model(task, config, tokenizer)
+    report = load_checkpoint(model, args.checkpoint, task, allow_pickle=args.unsafe_load)
+    if report['source_kind'] != task:
+        raise utils.UserError(f"--evaluate: {args.checkpoint} is a '{report['source_kind']}' checkpoint, not a "
+                              f"fine-tuned '{task}' one (its classifier head would be random); fine-tune first")
+    return model.to(device)
