@@ -22,14 +22,18 @@ def get_args_parser():
     return parser
 
 
-def make_step_fn(tokenizer, device, max_tokens=25):
-    """Batch (images, captions) -> the model's three losses."""
+def make_step_fn(tokenizer, device, max_tokens=25, pass_alpha=True):
+    """Batch (images, captions) -> the model's losses (captions truncated to `max_tokens`).
+
+    `pass_alpha=False` for models without distillation (text-assignment pretraining).
+    """
     def step(model, batch, alpha):
         images, captions = batch
         text = tokenizer(list(captions), padding='longest', truncation=True, max_length=max_tokens,
                          return_tensors='pt')
+        extra = {'alpha': alpha} if pass_alpha else {}
         return model(images.to(device, non_blocking=True), text.input_ids.to(device),
-                     text.attention_mask.to(device), alpha=alpha)
+                     text.attention_mask.to(device), **extra)
     return step
 
 

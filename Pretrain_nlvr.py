@@ -13,6 +13,7 @@ import sys
 
 import engine
 import utils
+from Pretrain import make_step_fn as caption_step_fn
 from dataset import create_dataset
 from dataset.resumable import build_train_loader
 
@@ -29,13 +30,8 @@ def get_args_parser():
 
 
 def make_step_fn(tokenizer, device, max_tokens=25):
-    """Batch (images, captions) -> {'loss'} (3-way text-assignment CE; no distillation, so alpha is unused)."""
-    def step(model, batch, alpha):
-        images, captions = batch
-        text = tokenizer(list(captions), padding='longest', truncation=True, max_length=max_tokens,
-                         return_tensors='pt')
-        return model(images.to(device, non_blocking=True), text.input_ids.to(device), text.attention_mask.to(device))
-    return step
+    """Batch (images, captions) -> {'loss'}: the pretraining caption step without alpha (TA has no distillation)."""
+    return caption_step_fn(tokenizer, device, max_tokens, pass_alpha=False)
 
 
 def main(argv=None):
