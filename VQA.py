@@ -10,7 +10,8 @@ layers and its head from the MLM head, spec 15.10), or with --evaluate a fine-tu
 Outputs in output_dir: checkpoint_XX.pth after every epoch (as the original) and checkpoint_last.pth (resume point);
 log.txt (one JSON line per epoch, then one for the test split); result/vqa_result_epochE.json and
 result/vqa_result.json, the answers as [{"question_id", "answer"}] (the evaluation server's format; E = the last
-epoch, 0 with --evaluate as the original), every test question exactly once. When the test split has ground truth
+epoch, 0 with --evaluate as the original; --eval_every_epoch writes one per epoch), every test question exactly
+once. When the test split has ground truth
 (--test_annotations/--test_questions in the official format, or 'answer' lists in the test items as in a val split
 or the toy world), the accuracy (vqaTools' VQAEval) goes to log.txt and vqa_accuracy.json, next to two blind
 baselines (the most frequent answer; the most frequent answer of the same question text).
@@ -39,6 +40,8 @@ def get_args_parser():
     parser.add_argument('--test_annotations', default=None,
                         help='official VQA annotation file of the test split, to compute accuracy')
     parser.add_argument('--test_questions', default=None, help='official VQA question file of the test split')
+    parser.add_argument('--eval_every_epoch', action='store_true',
+                        help='answer (and score) the test split after every epoch, not only after the last')
     parser.add_argument('--save_every_steps', default=0, type=int,
                         help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
     parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
@@ -86,7 +89,12 @@ def main(argv=None):
                              question_file=args.test_questions, max_tokens=max_tokens)
     log_path = os.path.join(args.output_dir, 'log.txt')
 
-    last_epoch = 0
+    last_epoch, evaluated = 0, {}
+
+    def evaluate_epoch(epoch):
+        evaluated[epoch] = evaluator.run(f'vqa_result_epoch{epoch}')
+        return evaluated[epoch]
+
     if not args.evaluate:
         loader = build_train_loader(train_set, config['batch_size_train'], workers, args.seed,
                                     collate_fn=vqa_collate_fn)
@@ -98,9 +106,12 @@ def main(argv=None):
                            engine_cfg=engine.engine_config(config, save_every_steps=args.save_every_steps,
                                                            max_steps_per_epoch=args.max_steps_per_epoch),
                            device=device, output_dir=args.output_dir, num_epochs=num_epochs, state=state,
+                           evaluate_fn=evaluate_epoch if args.eval_every_epoch else None,
                            save_epoch_checkpoints=True)
         last_epoch = state.epoch - 1
-    record = evaluator.run(f'vqa_result_epoch{last_epoch}')
+        if last_epoch in evaluated:  # --eval_every_epoch already answered (and logged) the last epoch
+            return {**evaluated[last_epoch], 'epoch': last_epoch}
+    record = evaluate_epoch(last_epoch)
     record['epoch'] = last_epoch
     if args.evaluate:
         record['checkpoint'] = args.checkpoint

@@ -360,12 +360,16 @@ def test_answers_outside_list_and_k_test_too_large(mini_world, mini_pretrain_ckp
     cfg = mini_config(mini_world, tmp_path / 'c.yaml', answer_list=str(short), k_test=50)
     with pytest.warns(vqa_eval.KTestWarning, match='k_test 50 is larger than the answer list \\(3 candidates\\)'):
         record = VQA.main(run_args(cfg, tmp_path / 'o', '--checkpoint', mini_pretrain_ckpt,
-                                   '--max_steps_per_epoch', '1'))
+                                   '--max_steps_per_epoch', '1', '--eval_every_epoch'))
     out = capsys.readouterr().out
     assert 'note: train_file:' in out and 'are not in answer_list' in out
     result = json.load(open(tmp_path / 'o' / 'result' / 'vqa_result.json'))
     assert {r['answer'] for r in result} <= set(answers[:3]) and 'test_acc' in record
     assert json.load(open(tmp_path / 'o' / 'vqa_accuracy.json'))['coverage']['missing_answers'] > 0
+    # --eval_every_epoch: the epoch's log line carries the test accuracy; the last epoch is not answered twice.
+    lines = log_lines(tmp_path / 'o')
+    assert len(lines) == 1 and lines[0]['epoch'] == 0 and lines[0]['test_acc'] == record['test_acc']
+    assert 'train_loss' in lines[0]
 
 
 def test_answer_list_cli(mini_world, tmp_path):
