@@ -11,30 +11,19 @@ results.json (full metrics of every epoch and the best one), checkpoint_XX.pth a
 one only when val accuracy improved; the file of the best epoch is the one it would have written last),
 checkpoint_best.pth (best val accuracy) and checkpoint_last.pth (resume point).
 """
-import argparse
-import os
+import functools
 import sys
 
 import torch
 
-import engine
 import utils
-from dataset import create_dataset
-from dataset.resumable import build_train_loader
-from evaluation.classification import EpochEvaluator, build_eval_loaders, load_for_evaluation
+from evaluation import classification
 
 CLASS_NAMES = ('False', 'True')  # label 0 / 1 of nlvr_dataset
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('ALBEF NLVR2', parents=[
-        utils.get_parent_parser('./configs/NLVR.yaml', 'output/NLVR')])
-    parser.add_argument('--evaluate', action='store_true',
-                        help='only evaluate --checkpoint (a fine-tuned NLVR checkpoint) on val and test')
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
-    return parser
+    return classification.get_args_parser('ALBEF NLVR2', './configs/NLVR.yaml', 'output/NLVR', 'NLVR')
 
 
 def _inputs(batch, tokenizer, device, max_tokens):
@@ -46,21 +35,11 @@ def _inputs(batch, tokenizer, device, max_tokens):
     return images, text.input_ids.to(device), text.attention_mask.to(device), targets.to(device)
 
 
-def make_step_fn(tokenizer, device, max_tokens):
-    """Batch (image0s, image1s, sentences, labels) -> {'loss'} (classification CE with distillation)."""
-    def step(model, batch, alpha):
-        images, ids, mask, targets = _inputs(batch, tokenizer, device, max_tokens)
-        return model(images, ids, mask, targets, alpha=alpha)
-    return step
-
-
-def make_predict_fn(tokenizer, device, max_tokens, precision):
-    """(model, batch) -> (logits [B, 2], targets) for the shared classification evaluator."""
-    def predict(model, batch):
-        images, ids, mask, targets = _inputs(batch, tokenizer, device, max_tokens)
-        with engine.autocast(device, precision):
-            return model.predict(images, ids, mask).float(), targets
-    return predict
+# make_step_fn(tokenizer, device, max_tokens) and make_predict_fn(tokenizer, device, max_tokens, precision):
+# the shared factories bound to this script's batch layout (`_inputs`). Module attributes, so that tests and
+# callers can use or replace them here; main() looks them up at call time.
+make_step_fn = functools.partial(classification.make_step_fn, _inputs)
+make_predict_fn = functools.partial(classification.make_predict_fn, _inputs)
 
 
 def main(argv=None):
@@ -68,37 +47,10 @@ def main(argv=None):
     config, device = utils.prepare_run(args, evaluate=args.evaluate, required=[
         'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size',
         'optimizer', 'schedular'])
-    tokenizer = engine.build_tokenizer(config)
-    train_set, val_set, test_set = create_dataset('nlvr', config)
-    workers = config.get('num_workers', 4)
-    val_loader, test_loader = build_eval_loaders([val_set, test_set], config['batch_size'], workers)
-    if args.evaluate:
-        model = model_without_ddp = load_for_evaluation('nlvr', config, tokenizer, args, device)
-    else:
-        model, model_without_ddp = engine.build_model('nlvr', config, tokenizer, args, device, resume=args.resume)
-    max_tokens = model_without_ddp.text_encoder.config.max_position_embeddings
-    predict_fn = make_predict_fn(tokenizer, device, max_tokens, config.get('precision', 'fp32'))
-    evaluator = EpochEvaluator(model_without_ddp, {'val': val_loader, 'test': test_loader}, predict_fn,
-                               CLASS_NAMES, os.path.join(args.output_dir, 'results.json'), resume=args.resume,
-                               print_freq=config.get('print_freq', 50))
-    if args.evaluate:
-        record = evaluator.record(evaluator.run('evaluate'))
-        if utils.is_main_process():
-            utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), {**record, 'checkpoint': args.checkpoint})
-        return record
-
-    loader = build_train_loader(train_set, config['batch_size'], workers, args.seed)
-    optimizer, lr_scheduler, num_epochs = engine.build_optimizer_and_scheduler(config, model_without_ddp)
-    state = engine.resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
-    state = engine.fit(model=model, model_without_ddp=model_without_ddp, train_loader=loader, optimizer=optimizer,
-                       scheduler=lr_scheduler, step_fn=make_step_fn(tokenizer, device, max_tokens), config=config,
-                       engine_cfg=engine.engine_config(config, save_every_steps=args.save_every_steps,
-                                                       max_steps_per_epoch=args.max_steps_per_epoch),
-                       device=device, output_dir=args.output_dir, num_epochs=num_epochs, state=state,
-                       evaluate_fn=evaluator, best_metric='val_acc', save_epoch_checkpoints=True)
-    evaluator.finish(state.best_epoch)
-    print(f'best epoch: {state.best_epoch}', flush=True)
-    return state
+    return classification.run_task('nlvr', args, config, device, class_names=CLASS_NAMES,
+                                   train_batch_size=config['batch_size'], eval_batch_size=config['batch_size'],
+                                   make_step_fn=make_step_fn, make_predict_fn=make_predict_fn,
+                                   save_epoch_checkpoints=True)
 
 
 if __name__ == '__main__':
