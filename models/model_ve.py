@@ -1,60 +1,24 @@
 """ALBEF SNLI-VE model: multimodal encoder + 3-way classifier (spec 6.7)."""
-import torch
-import torch.nn as nn
-
-from models import losses
-from models.common import apply_grad_checkpointing, build_text_config, cls_head
-from models.momentum import MomentumMixin
-from models.vit import build_vit
+from models.common import MomentumClassifier
 from models.xbert import BertModel
 
 
-class ALBEF(MomentumMixin, nn.Module):
+def _text_encoder(bert_config):
+    """The plain multimodal BERT (no pooler), cross-attending to the image tokens in its fusion layers."""
+    return BertModel(bert_config, add_pooling_layer=False)
+
+
+class ALBEF(MomentumClassifier):
     """forward(image, input_ids, attention_mask, targets, alpha) -> {'loss'}; predict(...) -> logits [B, 3]
     (0 contradiction, 1 neutral, 2 entailment)."""
 
     num_classes = 3
 
     def __init__(self, config, tokenizer=None):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.distill = config.get('distill', True)
-        self.momentum = config.get('momentum', 0.995)
-        bert_config = build_text_config(config)
-        width = bert_config.hidden_size
-
-        self.visual_encoder = build_vit(config)
-        self.text_encoder = BertModel(bert_config, add_pooling_layer=False)
-        self.cls_head = cls_head(width, self.num_classes)
-        if self.distill:
-            self.visual_encoder_m = build_vit(config)
-            self.text_encoder_m = BertModel(bert_config, add_pooling_layer=False)
-            self.cls_head_m = cls_head(width, self.num_classes)
-            self.model_pairs = [(self.visual_encoder, self.visual_encoder_m),
-                                (self.text_encoder, self.text_encoder_m),
-                                (self.cls_head, self.cls_head_m)]
-            self.copy_params()
-        else:
-            self.model_pairs = []
-        apply_grad_checkpointing(config, self.visual_encoder, self.text_encoder)
+        super().__init__(config, tokenizer, _text_encoder)
 
     def multimodal_hidden(self, image, input_ids, attention_mask, momentum=False):
         """All text layers, cross-attending to the image tokens -> [B, L, H]."""
         vit = self.visual_encoder_m if momentum else self.visual_encoder
         enc = self.text_encoder_m if momentum else self.text_encoder
         return enc(input_ids, attention_mask=attention_mask, encoder_hidden_states=vit(image)).last_hidden_state
-
-    def predict(self, image, input_ids, attention_mask):
-        """Class logits [B, 3] from the [CLS] state."""
-        return self.cls_head(self.multimodal_hidden(image, input_ids, attention_mask)[:, 0, :])
-
-    def forward(self, image, input_ids, attention_mask, targets, alpha=0.):
-        prediction = self.predict(image, input_ids, attention_mask)
-        prediction_m = None
-        if self.distill:
-            with torch.no_grad():
-                self._momentum_update()
-                hidden_m = self.multimodal_hidden(image, input_ids, attention_mask, momentum=True)
-                prediction_m = self.cls_head_m(hidden_m[:, 0, :])
-        loss = losses.classification_loss(prediction, targets, prediction_m, alpha)
-        return {'loss': loss}
