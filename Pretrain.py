@@ -45,13 +45,7 @@ def main(argv=None):
     dataset = create_dataset('pretrain', config)
     loader = build_train_loader(dataset, config['batch_size'], config.get('num_workers', 4), args.seed)
     model, model_without_ddp = engine.build_model('pretrain', config, tokenizer, args, device, resume=args.resume)
-    optimizer, lr_scheduler, num_epochs = engine.build_optimizer_and_scheduler(config, model_without_ddp)
-    state = engine.resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
-    engine.fit(model=model, model_without_ddp=model_without_ddp, train_loader=loader, optimizer=optimizer,
-               scheduler=lr_scheduler, step_fn=make_step_fn(tokenizer, device), config=config,
-               engine_cfg=engine.engine_config(config, save_every_steps=args.save_every_steps,
-                                               max_steps_per_epoch=args.max_steps_per_epoch),
-               device=device, output_dir=args.output_dir, num_epochs=num_epochs, state=state)
+    engine.train(args, config, model, model_without_ddp, loader, make_step_fn(tokenizer, device), device)
 
 
 if __name__ == '__main__':

@@ -98,16 +98,10 @@ def main(argv=None):
     if not args.evaluate:
         loader = build_train_loader(train_set, config['batch_size_train'], workers, args.seed,
                                     collate_fn=vqa_collate_fn)
-        optimizer, lr_scheduler, num_epochs = engine.build_optimizer_and_scheduler(config, model_without_ddp)
-        state = engine.resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
-        state = engine.fit(model=model, model_without_ddp=model_without_ddp, train_loader=loader,
-                           optimizer=optimizer, scheduler=lr_scheduler,
-                           step_fn=make_step_fn(tokenizer, device, max_tokens), config=config,
-                           engine_cfg=engine.engine_config(config, save_every_steps=args.save_every_steps,
-                                                           max_steps_per_epoch=args.max_steps_per_epoch),
-                           device=device, output_dir=args.output_dir, num_epochs=num_epochs, state=state,
-                           evaluate_fn=evaluate_epoch if args.eval_every_epoch else None,
-                           save_epoch_checkpoints=True)
+        state = engine.train(args, config, model, model_without_ddp, loader,
+                             make_step_fn(tokenizer, device, max_tokens), device,
+                             evaluate_fn=evaluate_epoch if args.eval_every_epoch else None,
+                             save_epoch_checkpoints=True)
         last_epoch = state.epoch - 1
         if last_epoch in evaluated:  # --eval_every_epoch already answered (and logged) the last epoch
             return {**evaluated[last_epoch], 'epoch': last_epoch}

@@ -331,3 +331,23 @@ def engine_config(config: Mapping, **overrides) -> EngineConfig:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def train(args, config: Mapping, model, model_without_ddp, train_loader, step_fn: StepFn, device: torch.device, *,
+          evaluate_fn: Callable[[int], dict] | None = None, best_metric: str | None = None,
+          save_epoch_checkpoints: bool = True, **engine_overrides) -> TrainState:
+    """The training part of every task script: optimizer and scheduler from the config, --resume, then `fit`.
+
+    `args` supplies output_dir, resume/checkpoint and the loop flags --save_every_steps and --max_steps_per_epoch;
+    `engine_overrides` set further EngineConfig fields (e.g. alpha=0.0 for TA pretraining). The train loader is
+    built by the caller, since its collate function and its place among the random draws differ by task.
+    Returns the final TrainState (best_epoch set when `best_metric` is given).
+    """
+    optimizer, lr_scheduler, num_epochs = build_optimizer_and_scheduler(config, model_without_ddp)
+    state = resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
+    cfg = engine_config(config, save_every_steps=args.save_every_steps, max_steps_per_epoch=args.max_steps_per_epoch,
+                        **engine_overrides)
+    return fit(model=model, model_without_ddp=model_without_ddp, train_loader=train_loader, optimizer=optimizer,
+               scheduler=lr_scheduler, step_fn=step_fn, config=config, engine_cfg=cfg, device=device,
+               output_dir=args.output_dir, num_epochs=num_epochs, state=state, evaluate_fn=evaluate_fn,
+               best_metric=best_metric, save_epoch_checkpoints=save_epoch_checkpoints)

@@ -284,14 +284,9 @@ def run_task(task: str, args, config: Mapping, device: torch.device, *, class_na
         return record
 
     loader = build_train_loader(train_set, train_batch_size, workers, args.seed)
-    optimizer, lr_scheduler, num_epochs = engine.build_optimizer_and_scheduler(config, model_without_ddp)
-    state = engine.resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
-    state = engine.fit(model=model, model_without_ddp=model_without_ddp, train_loader=loader, optimizer=optimizer,
-                       scheduler=lr_scheduler, step_fn=make_step_fn(tokenizer, device, max_tokens), config=config,
-                       engine_cfg=engine.engine_config(config, save_every_steps=args.save_every_steps,
-                                                       max_steps_per_epoch=args.max_steps_per_epoch),
-                       device=device, output_dir=args.output_dir, num_epochs=num_epochs, state=state,
-                       evaluate_fn=evaluator, best_metric='val_acc', save_epoch_checkpoints=save_epoch_checkpoints)
+    state = engine.train(args, config, model, model_without_ddp, loader, make_step_fn(tokenizer, device, max_tokens),
+                         device, evaluate_fn=evaluator, best_metric='val_acc',
+                         save_epoch_checkpoints=save_epoch_checkpoints)
     evaluator.finish(state.best_epoch)
     print(f'best epoch: {state.best_epoch}', flush=True)
     return state
