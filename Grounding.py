@@ -39,9 +39,6 @@ def get_args_parser():
                         help="sentence map = token maps averaged over real tokens, or over all padded positions "
                              "('padded', the original)")
     parser.add_argument('--evaluate', action='store_true', help='only evaluate --checkpoint')
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
     return parser
 
 

@@ -16,9 +16,6 @@ from dataset.resumable import build_train_loader
 def get_args_parser():
     parser = argparse.ArgumentParser('ALBEF pretraining', parents=[
         utils.get_parent_parser('./configs/Pretrain.yaml', 'output/Pretrain')])
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
     return parser
 
 

@@ -23,9 +23,6 @@ MIN_BATCH = 3  # the "neither" label needs two images other than the caption's o
 def get_args_parser():
     parser = argparse.ArgumentParser('ALBEF TA pretraining for NLVR2', parents=[
         utils.get_parent_parser('./configs/NLVR_pretrain.yaml', 'output/NLVR_pretrain')])
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
     return parser
 
 

@@ -40,9 +40,6 @@ def get_args_parser():
                         help='where evaluation keeps the ViT states: device, cpu (offload), auto (cpu if large)')
     parser.add_argument('--eval_impl', choices=['fast', 'reference'], default='fast',
                         help='re-ranking implementation (same scores; reference = per-query loop of the original)')
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
     return parser
 
 

@@ -42,9 +42,6 @@ def get_args_parser():
     parser.add_argument('--test_questions', default=None, help='official VQA question file of the test split')
     parser.add_argument('--eval_every_epoch', action='store_true',
                         help='answer (and score) the test split after every epoch, not only after the last')
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
     return parser
 
 

@@ -287,6 +287,7 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     # model
     'bert_config': (str, dict), 'image_res': (int,), 'patch_size': (int,), 'vision_width': (int,),
     'vision_depth': (int,), 'vision_num_heads': (int,), 'mlp_ratio': _NUM, 'embed_dim': (int,),
+    'vision_init_std': _NUM,
     'temp': _NUM, 'mlm_probability': _NUM, 'queue_size': (int,), 'momentum': _NUM, 'alpha': _NUM,
     'distill': (bool,), 'vqa_decoder_layers': (int,), 'grad_checkpointing': (bool, list),
     'text_encoder': (str,), 'text_decoder': (str,), 'load_text_weights': (bool,), 'vision_pretrained': (str, type(None)),
@@ -470,7 +471,7 @@ def append_json_line(path: str, record: Mapping) -> None:
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.ArgumentParser:
-    """The flags every task script shares (use as `parents=[...]`)."""
+    """The flags every task script shares, training-loop ones included (use as `parents=[...]`)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument('--config', default=default_config, help='YAML config file')
     p.add_argument('--output_dir', default=default_output_dir)
@@ -478,6 +479,10 @@ def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --output_dir from its latest checkpoint (or --checkpoint)')
     p.add_argument('--overwrite', action='store_true', help='allow an output_dir that holds another run')
+    # Read by engine.train, which every task script trains through.
+    p.add_argument('--save_every_steps', default=0, type=int,
+                   help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
+    p.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
     p.add_argument('--text_encoder', default=None,
                    help='tokenizer and BERT weights: hub name or local folder (default: from config)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

@@ -218,13 +218,10 @@ def load_for_evaluation(task: str, config: Mapping, tokenizer, args, device: tor
 # ----------------------------------------------------------------------------------------------------------------
 def get_args_parser(title: str, default_config: str, default_output: str, label: str) -> argparse.ArgumentParser:
     """The arguments of a classification fine-tuning script: the common ones of `utils.get_parent_parser` plus
-    --evaluate, --save_every_steps and --max_steps_per_epoch. `label` names the task in the --evaluate help."""
+    --evaluate. `label` names the task in the --evaluate help."""
     parser = argparse.ArgumentParser(title, parents=[utils.get_parent_parser(default_config, default_output)])
     parser.add_argument('--evaluate', action='store_true',
                         help=f'only evaluate --checkpoint (a fine-tuned {label} checkpoint) on val and test')
-    parser.add_argument('--save_every_steps', default=0, type=int,
-                        help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    parser.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
     return parser
 
 
