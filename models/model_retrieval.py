@@ -1,16 +1,17 @@
 """ALBEF retrieval / grounding fine-tuning model: ITC (idx-aware targets) + ITM (spec 6.3)."""
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models import losses
-from models.common import apply_grad_checkpointing, build_text_config, itm_hard_negatives, make_queue
-from models.momentum import MomentumMixin, concat_all_gather, dequeue_and_enqueue
-from models.vit import build_vit
+from models.common import ContrastiveMixin, build_text_config, itm_hard_negatives
+from models.momentum import concat_all_gather, dequeue_and_enqueue
 from models.xbert import BertModel
 
 
-class ALBEF(MomentumMixin, nn.Module):
+class ALBEF(ContrastiveMixin, nn.Module):
     """forward(image, input_ids, attention_mask, idx, alpha) -> {'loss_ita', 'loss_itm'}.
 
     Inference pieces: encode_image, encode_text, itm_logits. Momentum encoders always exist (the queues hold
@@ -21,55 +22,8 @@ class ALBEF(MomentumMixin, nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.distill = config.get('distill', True)
-        embed_dim = config.get('embed_dim', 256)
-        vision_width = config.get('vision_width', 768)
-        bert_config = build_text_config(config)
-        text_width = bert_config.hidden_size
-
-        self.temp = nn.Parameter(torch.tensor(float(config.get('temp', 0.07))))
-        self.queue_size = config.get('queue_size', 65536)
-        self.momentum = config.get('momentum', 0.995)
-        self.register_buffer('image_queue', make_queue(embed_dim, self.queue_size))
-        self.register_buffer('text_queue', make_queue(embed_dim, self.queue_size))
-        self.register_buffer('idx_queue', torch.full((1, self.queue_size), -100, dtype=torch.long))
-        self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
-
-        self.visual_encoder = build_vit(config)
-        self.text_encoder = BertModel(bert_config, add_pooling_layer=False)
-        self.vision_proj = nn.Linear(vision_width, embed_dim)
-        self.text_proj = nn.Linear(text_width, embed_dim)
-        self.itm_head = nn.Linear(text_width, 2)
-
-        self.visual_encoder_m = build_vit(config)
-        self.vision_proj_m = nn.Linear(vision_width, embed_dim)
-        self.text_encoder_m = BertModel(bert_config, add_pooling_layer=False)
-        self.text_proj_m = nn.Linear(text_width, embed_dim)
-        self.model_pairs = [(self.visual_encoder, self.visual_encoder_m),
-                            (self.vision_proj, self.vision_proj_m),
-                            (self.text_encoder, self.text_encoder_m),
-                            (self.text_proj, self.text_proj_m)]
-        self.copy_params()
-        apply_grad_checkpointing(config, self.visual_encoder, self.text_encoder)
-
-    def encode_image(self, image, register_blk=-1):
-        """image [B,3,R,R] -> (image_embeds [B,1+P,Wv], image_feat [B,D] L2-normalised)."""
-        image_embeds = self.visual_encoder(image, register_blk=register_blk)
-        return image_embeds, F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
-
-    def encode_text(self, input_ids, attention_mask):
-        """Text-only layers -> (text_embeds [B,L,H], text_feat [B,D] L2-normalised)."""
-        text_embeds = self.text_encoder(input_ids, attention_mask=attention_mask, mode='text').last_hidden_state
-        return text_embeds, F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
-
-    def fusion(self, text_embeds, text_atts, image_embeds, image_atts=None):
-        """Fusion layers on text-mode states cross-attending to image tokens -> [B, L, H]."""
-        return self.text_encoder(encoder_embeds=text_embeds, attention_mask=text_atts,
-                                 encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
-                                 mode='fusion').last_hidden_state
-
-    def itm_logits(self, text_embeds, text_atts, image_embeds):
-        """ITM logits [N, 2] (index 1 = match; Retrieval ranks by it) from the fusion layers' [CLS]."""
-        return self.itm_head(self.fusion(text_embeds, text_atts, image_embeds)[:, 0, :])
+        self._build_contrastive(config, build_text_config(config), partial(BertModel, add_pooling_layer=False),
+                                idx_queue=True)
 
     def forward(self, image, input_ids, attention_mask, idx, alpha=0.):
         image_embeds, image_feat = self.encode_image(image)
@@ -81,13 +35,8 @@ class ALBEF(MomentumMixin, nn.Module):
         sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)  # all captions of an image share the mass
 
         with torch.no_grad():
-            self._momentum_update()
-            image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            image_feat_all = torch.cat([image_feat_m.t().float(), self.image_queue], dim=1)
-            text_out_m = self.text_encoder_m(input_ids, attention_mask=attention_mask, mode='text').last_hidden_state
-            text_feat_m = F.normalize(self.text_proj_m(text_out_m[:, 0, :]), dim=-1)
-            text_feat_all = torch.cat([text_feat_m.t().float(), self.text_queue], dim=1)
+            _, image_feat_m, image_feat_all, text_feat_m, text_feat_all = self._momentum_features(
+                image, input_ids, attention_mask)
             if self.distill:
                 sim_i2t_m = losses.similarity(image_feat_m, text_feat_all, self.temp)
                 sim_t2i_m = losses.similarity(text_feat_m, image_feat_all, self.temp)

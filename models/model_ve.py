@@ -1,11 +1,8 @@
 """ALBEF SNLI-VE model: multimodal encoder + 3-way classifier (spec 6.7)."""
+from functools import partial
+
 from models.common import MomentumClassifier
 from models.xbert import BertModel
-
-
-def _text_encoder(bert_config):
-    """The plain multimodal BERT (no pooler), cross-attending to the image tokens in its fusion layers."""
-    return BertModel(bert_config, add_pooling_layer=False)
 
 
 class ALBEF(MomentumClassifier):
@@ -15,7 +12,7 @@ class ALBEF(MomentumClassifier):
     num_classes = 3
 
     def __init__(self, config, tokenizer=None):
-        super().__init__(config, tokenizer, _text_encoder)
+        super().__init__(config, tokenizer, partial(BertModel, add_pooling_layer=False))
 
     def multimodal_hidden(self, image, input_ids, attention_mask, momentum=False):
         """All text layers, cross-attending to the image tokens -> [B, L, H]."""
