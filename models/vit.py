@@ -67,7 +67,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4., qkv_bias=True, drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
-                 norm_layer=None):
+                 norm_layer=None, init_std=.02):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.embed_dim = self.num_features = embed_dim
@@ -88,13 +88,15 @@ class VisionTransformer(nn.Module):
 
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
+        self.apply(partial(self._init_weights, std=init_std))
 
     @staticmethod
-    def _init_weights(m):
-        # Linear: truncated normal 0.02, zero bias; LayerNorm 1/0; the patch Conv2d keeps PyTorch's default.
+    def _init_weights(m, std=.02):
+        # Linear: truncated normal (0.02 as the original), zero bias; LayerNorm 1/0; the patch Conv2d keeps
+        # PyTorch's default. A larger std only matters for models trained from scratch (the toy world): with 0.02
+        # the [CLS] output hardly depends on the image at start, so contrastive training begins collapsed.
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
+            trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
@@ -129,7 +131,7 @@ class VisionTransformer(nn.Module):
 
 def build_vit(config):
     """Build the ViT from an ALBEF config dict (image_res, patch_size, vision_width, vision_depth,
-    vision_num_heads, mlp_ratio)."""
+    vision_num_heads, mlp_ratio, vision_init_std)."""
     return VisionTransformer(
         img_size=config['image_res'],
         patch_size=config.get('patch_size', 16),
@@ -139,6 +141,7 @@ def build_vit(config):
         mlp_ratio=config.get('mlp_ratio', 4),
         qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        init_std=config.get('vision_init_std', .02),
     )
 
 
