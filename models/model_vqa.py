@@ -102,10 +102,11 @@ class ALBEF(MomentumMixin, nn.Module):
         input_ids = answer_ids.index_select(0, flat)
         input_atts = answer_atts.index_select(0, flat)
         targets = input_ids.masked_fill(input_atts == 0, -100)
-        states = question_states.repeat_interleave(k, dim=0)
-        atts = question_atts.repeat_interleave(k, dim=0)
-        answer_loss = self.text_decoder(input_ids, attention_mask=input_atts, encoder_hidden_states=states,
-                                        encoder_attention_mask=atts, labels=targets, reduction='none').loss
+        # Question states are passed once per question: the decoder's cross-attention serves the k candidate
+        # rows of each question from one key/value projection (instead of k copies).
+        answer_loss = self.text_decoder(input_ids, attention_mask=input_atts, encoder_hidden_states=question_states,
+                                        encoder_attention_mask=question_atts, labels=targets,
+                                        reduction='none').loss
         score = torch.log(topk_probs) - answer_loss.view(nq, k).float()
         probs = F.softmax(score, dim=1)
         topk_probs, rerank = probs.topk(k, dim=1)

@@ -9,6 +9,8 @@ state-dict names of the original (`embeddings.*`, `encoder.layer.N.attention.sel
 * `BertModel.forward(mode=...)`: 'text' runs layers [0, fusion_layer), 'fusion' runs [fusion_layer, L) starting
   from `encoder_embeds`, 'multi_modal' runs all layers.
 * `encoder_hidden_states` may be a list (NLVR2): layer n uses element (n - fusion_layer) mod len(list).
+* `encoder_hidden_states` (and its mask) may have B / r rows for B text rows: encoder row i serves text rows
+  i*r .. i*r + r - 1, with its keys/values projected once (VQA ranks k answers per question this way).
 * Masks: self-attention additive (1 - m) * -10000, cross-attention (1 - m) * -1e9 (the values of the reference
   code; a None encoder mask means "attend to everything" and skips the mask entirely).
 * Attention uses F.scaled_dot_product_attention; a layer whose `save_attention` switch is on computes the
@@ -165,6 +167,12 @@ class BertSelfAttention(nn.Module):
         v = self._heads(self.value(kv_input))
         if mask is not None:
             mask = mask.to(q.dtype)
+        group = q.shape[0] // k.shape[0]
+        if group > 1 and not self.save_attention:
+            return self._grouped_cross_attention(q, k, v, mask, group)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+            mask = None if mask is None else mask.repeat_interleave(group, dim=0)
         if self.save_attention:
             scores = q @ k.transpose(-1, -2) / (self.attention_head_size ** 0.5)
             if mask is not None:
@@ -179,6 +187,21 @@ class BertSelfAttention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.)
         B, _, L, _ = context.shape
         return context.transpose(1, 2).reshape(B, L, self.all_head_size)
+
+    def _grouped_cross_attention(self, q, k, v, mask, group):
+        """Cross-attention where each of the Bk encoder rows serves `group` consecutive query rows.
+
+        Attention is independent per query position and the mask only covers keys, so the `group` rows' queries
+        are folded into one longer query sequence per encoder row: keys/values are projected once per encoder row
+        instead of once per query row (VQA answer ranking: k candidates share one question).
+        """
+        Bq, H, Lq, D = q.shape
+        Bk = k.shape[0]
+        folded = q.view(Bk, group, H, Lq, D).transpose(1, 2).reshape(Bk, H, group * Lq, D)
+        context = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask,
+                                                 dropout_p=self.dropout.p if self.training else 0.)
+        context = context.view(Bk, H, group, Lq, D).permute(0, 2, 3, 1, 4)
+        return context.reshape(Bq, Lq, self.all_head_size)
 
 
 class BertSelfOutput(nn.Module):
