@@ -8,6 +8,9 @@ from models.momentum import MomentumMixin
 from models.vit import build_vit
 from models.xbert import BertLMHeadModel, BertModel
 
+# Decoder rows (question x candidate pairs) scored per call in rank_answer: bounds the logits' memory.
+RANK_ROWS_PER_CALL = 256
+
 
 class ALBEF(MomentumMixin, nn.Module):
     """forward(image, q_ids, q_atts, answer_ids, answer_atts, weights, answers_per_question, alpha) -> {'loss'};
@@ -103,10 +106,19 @@ class ALBEF(MomentumMixin, nn.Module):
         input_atts = answer_atts.index_select(0, flat)
         targets = input_ids.masked_fill(input_atts == 0, -100)
         # Question states are passed once per question: the decoder's cross-attention serves the k candidate
-        # rows of each question from one key/value projection (instead of k copies).
-        answer_loss = self.text_decoder(input_ids, attention_mask=input_atts, encoder_hidden_states=question_states,
-                                        encoder_attention_mask=question_atts, labels=targets,
-                                        reduction='none').loss
+        # rows of each question from one key/value projection (instead of k copies). Questions go through in
+        # groups of about RANK_ROWS_PER_CALL candidate rows: the [rows, length, vocab] logits of one call are the
+        # memory peak (16 questions x 128 candidates at BERT's vocabulary would be over 1 GB), and on CPU larger
+        # calls are slower, not faster.
+        per_call = max(1, RANK_ROWS_PER_CALL // k)
+        losses = []
+        for q0 in range(0, nq, per_call):
+            rows = slice(q0 * k, (q0 + per_call) * k)
+            losses.append(self.text_decoder(input_ids[rows], attention_mask=input_atts[rows],
+                                            encoder_hidden_states=question_states[q0:q0 + per_call],
+                                            encoder_attention_mask=question_atts[q0:q0 + per_call],
+                                            labels=targets[rows], reduction='none').loss)
+        answer_loss = torch.cat(losses)
         score = torch.log(topk_probs) - answer_loss.view(nq, k).float()
         probs = F.softmax(score, dim=1)
         topk_probs, rerank = probs.topk(k, dim=1)

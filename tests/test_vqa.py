@@ -244,7 +244,7 @@ def test_k_test_clamped_with_warning():
 # ----------------------------------------------------------------------------------------------------------------
 # Ranking: batched over questions == one question at a time
 # ----------------------------------------------------------------------------------------------------------------
-def test_batched_ranking_equals_per_question(mini_world, tmp_path):
+def test_batched_ranking_equals_per_question(mini_world, tmp_path, monkeypatch):
     model, tok, config = tiny_model_and_tokenizer(mini_world, tmp_path)
     model.eval()
     answers = json.load(open(os.path.join(mini_world, 'answer_list.json')))
@@ -267,6 +267,14 @@ def test_batched_ranking_equals_per_question(mini_world, tmp_path):
             assert torch.equal(ids_i[0], ids[i])
             torch.testing.assert_close(probs_i[0], probs[i], atol=1e-5, rtol=1e-5)
     assert (probs[:, :-1] >= probs[:, 1:]).all()  # sorted, most probable first
+
+    # Scoring the candidates in several decoder calls (2 questions per call, the last call shorter) changes nothing.
+    import models.model_vqa as model_vqa
+    monkeypatch.setattr(model_vqa, 'RANK_ROWS_PER_CALL', 2 * k + 1)
+    with torch.no_grad():
+        ids_chunked, probs_chunked = model.rank_answer(states, q.attention_mask, cand_ids, cand_atts, k)
+    assert torch.equal(ids_chunked, ids)
+    torch.testing.assert_close(probs_chunked, probs, atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
