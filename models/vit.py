@@ -16,8 +16,10 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
 
+from models.attention_recording import AttentionRecorder
 
-class RecordingAttention(Attention):
+
+class RecordingAttention(AttentionRecorder, Attention):
     """timm self-attention with an explicit-softmax path that records probabilities and their gradient.
 
     `save_attention` is switched on by `VisionTransformer.forward` for the block named by `register_blk`.
@@ -26,23 +28,7 @@ class RecordingAttention(Attention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.save_attention = False
-        self.attention_map = None
-        self.attn_gradients = None
-
-    def save_attn_gradients(self, grad):
-        self.attn_gradients = grad
-
-    def get_attn_gradients(self):
-        """Gradient of the loss w.r.t. the recorded attention probabilities [B, heads, N, N]."""
-        return self.attn_gradients
-
-    def save_attention_map(self, attention_map):
-        self.attention_map = attention_map
-
-    def get_attention_map(self):
-        """Attention probabilities [B, heads, N, N] recorded in the last forward with save_attention on."""
-        return self.attention_map
+        self.init_recording()
 
     def forward(self, x, attn_mask=None, is_causal=False):
         """Multi-head self-attention over all tokens of x [B, N, C]."""
@@ -50,12 +36,7 @@ class RecordingAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.save_attention:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
-            attn = attn.softmax(dim=-1)
-            self.save_attention_map(attn)
-            if attn.requires_grad:
-                attn.register_hook(self.save_attn_gradients)
-            x = self.attn_drop(attn) @ v
+            x = self.recorded_attention(q, k, v, self.scale, dropout=self.attn_drop)
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)

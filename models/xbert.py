@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig
 
+from models.attention_recording import AttentionRecorder
 from models.losses import lm_loss, mlm_loss
 from utils import ConfigError
 
@@ -113,7 +114,7 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(AttentionRecorder, nn.Module):
     """Multi-head (self or cross) attention; cross-attention key/value take `encoder_width` inputs."""
 
     def __init__(self, config, is_cross_attention=False):
@@ -133,23 +134,7 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(kv_width, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
         self.is_cross_attention = is_cross_attention
-        self.save_attention = False
-        self.attention_map = None
-        self.attn_gradients = None
-
-    def save_attn_gradients(self, grad):
-        self.attn_gradients = grad
-
-    def get_attn_gradients(self):
-        """Gradient w.r.t. the recorded attention probabilities [B, heads, Lq, Lk]."""
-        return self.attn_gradients
-
-    def save_attention_map(self, attention_map):
-        self.attention_map = attention_map
-
-    def get_attention_map(self):
-        """Attention probabilities [B, heads, Lq, Lk] of the last forward with save_attention on."""
-        return self.attention_map
+        self.init_recording()
 
     def _heads(self, x):
         B, L, _ = x.shape
@@ -174,14 +159,7 @@ class BertSelfAttention(nn.Module):
             k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             mask = None if mask is None else mask.repeat_interleave(group, dim=0)
         if self.save_attention:
-            scores = q @ k.transpose(-1, -2) / (self.attention_head_size ** 0.5)
-            if mask is not None:
-                scores = scores + mask
-            probs = scores.softmax(dim=-1)
-            self.save_attention_map(probs)
-            if probs.requires_grad:
-                probs.register_hook(self.save_attn_gradients)
-            context = self.dropout(probs) @ v
+            context = self.recorded_attention(q, k, v, self.attention_head_size ** -0.5, mask, self.dropout)
         else:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout.p if self.training else 0.)
