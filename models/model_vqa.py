@@ -111,14 +111,14 @@ class ALBEF(MomentumMixin, nn.Module):
         # memory peak (16 questions x 128 candidates at BERT's vocabulary would be over 1 GB), and on CPU larger
         # calls are slower, not faster.
         per_call = max(1, RANK_ROWS_PER_CALL // k)
-        losses = []
+        answer_losses = []
         for q0 in range(0, nq, per_call):
             rows = slice(q0 * k, (q0 + per_call) * k)
-            losses.append(self.text_decoder(input_ids[rows], attention_mask=input_atts[rows],
-                                            encoder_hidden_states=question_states[q0:q0 + per_call],
-                                            encoder_attention_mask=question_atts[q0:q0 + per_call],
-                                            labels=targets[rows], reduction='none').loss)
-        answer_loss = torch.cat(losses)
+            answer_losses.append(self.text_decoder(input_ids[rows], attention_mask=input_atts[rows],
+                                                   encoder_hidden_states=question_states[q0:q0 + per_call],
+                                                   encoder_attention_mask=question_atts[q0:q0 + per_call],
+                                                   labels=targets[rows], reduction='none').loss)
+        answer_loss = torch.cat(answer_losses)
         score = torch.log(topk_probs) - answer_loss.view(nq, k).float()
         probs = F.softmax(score, dim=1)
         topk_probs, rerank = probs.topk(k, dim=1)

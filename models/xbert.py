@@ -152,10 +152,14 @@ class BertSelfAttention(AttentionRecorder, nn.Module):
         v = self._heads(self.value(kv_input))
         if mask is not None:
             mask = mask.to(q.dtype)
-        group = q.shape[0] // k.shape[0]
-        if group > 1 and not self.save_attention:
-            return self._grouped_cross_attention(q, k, v, mask, group)
+        group, rest = divmod(q.shape[0], k.shape[0])
+        if rest:
+            raise ValueError(f'cross-attention: {q.shape[0]} text rows are not a multiple of '
+                             f'{k.shape[0]} encoder rows')
         if group > 1:
+            if not self.save_attention:
+                return self._grouped_cross_attention(q, k, v, mask, group)
+            # A recorded map is per text row (Grad-CAM): give each row its own copy of the keys/values.
             k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             mask = None if mask is None else mask.repeat_interleave(group, dim=0)
         if self.save_attention:

@@ -43,3 +43,10 @@ def test_grouped_rows_with_attention_recording_fall_back_to_repeat():
     with torch.no_grad():
         decoder(ids, encoder_hidden_states=states)
     assert layer.get_attention_map().shape == (6, 4, 3, 6)
+
+
+def test_text_rows_not_a_multiple_of_encoder_rows_is_an_error():
+    import pytest
+    decoder = _decoder()
+    with pytest.raises(ValueError, match='5 text rows are not a multiple of 2 encoder rows'):
+        decoder(torch.randint(1, 50, (5, 3)), encoder_hidden_states=torch.randn(2, 6, 24))
