@@ -43,14 +43,19 @@ def get_args_parser():
     return parser
 
 
-def make_step_fn(tokenizer, device, max_tokens=TRAIN_MAX_TOKENS):
+def make_step_fn(tokenizer, device, max_tokens=TRAIN_MAX_TOKENS, position_limit=None):
     """Batch (images, captions, image indices) -> {'loss_ita', 'loss_itm'}.
 
-    Captions: padding longest with max_length 30 but no truncation flag, so nothing is truncated (spec 3).
+    Captions: padding longest with max_length 30 but no truncation flag, so nothing is truncated (spec 3) - up to
+    `position_limit` tokens (the text encoder's max_position_embeddings), where a longer caption would crash
+    the position embeddings: such a batch is tokenized again, truncated to the limit.
     """
     def step(model, batch, alpha):
         images, captions, idx = batch
         text = tokenizer(list(captions), padding='longest', max_length=max_tokens, return_tensors='pt')
+        if position_limit is not None and text.input_ids.size(1) > position_limit:
+            text = tokenizer(list(captions), padding='longest', truncation=True, max_length=position_limit,
+                             return_tensors='pt')
         return model(images.to(device, non_blocking=True), text.input_ids.to(device), text.attention_mask.to(device),
                      idx.to(device, non_blocking=True), alpha=alpha)
     return step
@@ -107,7 +112,9 @@ def main(argv=None):
         return record
 
     loader = build_train_loader(train_set, config['batch_size_train'], workers, args.seed)
-    state = engine.train(args, config, model, model_without_ddp, loader, make_step_fn(tokenizer, device), device,
+    step_fn = make_step_fn(tokenizer, device,
+                           position_limit=model_without_ddp.text_encoder.config.max_position_embeddings)
+    state = engine.train(args, config, model, model_without_ddp, loader, step_fn, device,
                          evaluate_fn=evaluator, best_metric='val_r_mean', save_epoch_checkpoints=False)
     evaluator.finish(state.best_epoch)
     print(f'best epoch: {state.best_epoch}', flush=True)

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -108,6 +109,49 @@ def restore_training(checkpoint: Mapping, model_without_ddp, optimizer, schedule
                       best=ts['best'], best_epoch=ts['best_epoch'])
 
 
+def first_non_finite_tensor(module: torch.nn.Module) -> str | None:
+    """Name of the first parameter or floating-point buffer of `module` holding NaN or inf, or None."""
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def _divergence(model: torch.nn.Module, error: RuntimeError) -> str | None:
+    """Why a forward that raised `error` failed, when the cause is non-finite numbers; None for other errors."""
+    bad = first_non_finite_tensor(model)
+    if bad is not None:
+        return f'non-finite weights ({bad})'
+    first = (str(error).strip().splitlines() or [''])[0]
+    if re.search(r'\b(nan|inf)\b', first, re.IGNORECASE):  # e.g. torch.multinomial on NaN probabilities
+        return f'non-finite values inside the forward ({first[:120]})'
+    return None
+
+
+def check_resume_checkpoint(checkpoint, model_without_ddp, path: str) -> None:
+    """Refuse to resume from something that is not a training checkpoint of this model, with one line that says
+    what it is instead (model weights only, another task's checkpoint, a model built with other options)."""
+    from models.checkpoint import CheckpointError, detect_kind
+    lacking = [k for k in ('model', 'optimizer', 'lr_scheduler', 'epoch')
+               if not isinstance(checkpoint, Mapping) or k not in checkpoint]
+    if lacking:
+        raise TrainingError(f'{path}: cannot resume, not a training checkpoint (no {lacking[0]!r} entry); to start '
+                            f'from its weights, pass it with --checkpoint and without --resume')
+    saved, expected = checkpoint['model'], model_without_ddp.state_dict()
+    if not isinstance(saved, Mapping) or set(saved) == set(expected):
+        return
+    try:
+        saved_kind, model_kind = detect_kind(saved), detect_kind(expected)
+    except CheckpointError:
+        saved_kind = model_kind = None
+    if saved_kind != model_kind:
+        raise TrainingError(f"{path}: cannot resume a '{model_kind}' run from a '{saved_kind}' checkpoint; to start "
+                            f"from its weights, pass it with --checkpoint and without --resume")
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    raise TrainingError(f'{path}: cannot resume, the checkpoint holds another model (missing {missing[:3]}, '
+                        f'unexpected {unexpected[:3]}); was it made with other model options?')
+
+
 def check_resume_config(saved: Mapping, current: Mapping, path: str) -> None:
     """Refuse to resume a run whose model or data shape differs from the checkpoint's config."""
     keys = ('bert_config', 'image_res', 'patch_size', 'vision_width', 'vision_depth', 'embed_dim', 'queue_size',
@@ -158,7 +202,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn: StepFn, device
         batch = next(iterator)
         alpha = _alpha_for(cfg, epoch, i, n_total)
         with autocast(device, cfg.precision):
-            losses = step_fn(model, batch, alpha)
+            try:
+                losses = step_fn(model, batch, alpha)
+            except RuntimeError as e:
+                # Diverged training often fails inside the forward (e.g. sampling ITM negatives from NaN
+                # probabilities) before a loss exists to check: say so instead of showing the op's traceback.
+                reason = _divergence(model, e)
+                if reason is None:
+                    raise
+                raise TrainingError(f'{reason} at epoch {epoch} step {i}: training diverged (learning rate too '
+                                    f'high?); stopping (the last good checkpoint is kept)') from e
         loss = sum(losses.values())
         if not torch.isfinite(loss.detach()).all():
             values = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
@@ -213,6 +266,10 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
     sampler = getattr(train_loader, 'sampler', None)
 
     def save(s: TrainState, name: str = 'checkpoint_last.pth') -> None:
+        bad = first_non_finite_tensor(model_without_ddp)
+        if bad is not None:  # never replace the last good checkpoint by a diverged one
+            raise TrainingError(f'non-finite weights ({bad}) when saving {name} (epoch {s.epoch}, {s.step_in_epoch} '
+                                f'steps done): training diverged; stopping (the last good checkpoint is kept)')
         if utils.is_main_process():
             utils.atomic_save(build_checkpoint(model_without_ddp, optimizer, scheduler, config, s),
                               os.path.join(output_dir, name))
@@ -306,7 +363,11 @@ def build_optimizer_and_scheduler(config: Mapping, model_without_ddp):
 
 
 def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_scheduler) -> TrainState:
-    """With --resume, restore everything from --checkpoint or output_dir/checkpoint_last.pth; else a fresh state."""
+    """With --resume, restore everything from --checkpoint or output_dir/checkpoint_last.pth; else a fresh state.
+
+    The config must agree with the checkpoint's on the model and data shape (check_resume_config); once it does,
+    output_dir/config.yaml is rewritten with the config of the resumed run.
+    """
     if not args.resume:
         return TrainState()
     from models.checkpoint import read_checkpoint
@@ -314,9 +375,12 @@ def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_sche
     if not os.path.isfile(path):
         raise TrainingError(f'--resume: no checkpoint to resume from at {path}')
     checkpoint = read_checkpoint(path, allow_pickle=args.unsafe_load)
+    check_resume_checkpoint(checkpoint, model_without_ddp, path)
     if 'config' in checkpoint:
         check_resume_config(checkpoint['config'], config, path)
     state = restore_training(checkpoint, model_without_ddp, optimizer, lr_scheduler)
+    if utils.is_main_process():  # only now: a refused resume must leave the run's config.yaml as it was
+        utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
     print(f'resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch} of that epoch')
     return state
 

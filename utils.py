@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -146,6 +147,18 @@ def resolve_device(requested: str) -> torch.device:
         print(f'note: --device {requested} requested but CUDA is not available; using cpu')
         return torch.device('cpu')
     return torch.device(requested)
+
+
+def use_deterministic_algorithms() -> None:
+    """Make torch pick deterministic kernels (an error for ops that have none) and stop cuDNN autotuning.
+
+    On CPU with a fixed thread count training is already reproducible; this also covers the CUDA kernels that
+    are not (scatter/index_add with atomics, cuBLAS workspaces), at some cost in speed.
+    """
+    # cuBLAS reads this when its first handle is created, i.e. later than here; a value set by the user wins.
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
@@ -320,10 +333,46 @@ def _suggest(key: str, known: Iterable[str]) -> str:
 def _check_block(path: str, block_name: str, block: dict, known: set, required: Sequence[str]) -> None:
     for key in block:
         if key not in known:
-            raise ConfigError(f"{path}: unknown key '{block_name}.{key}'{_suggest(key, known)}")
+            raise ConfigError(f"{path}: unknown key '{block_name}.{key}'{_suggest(str(key), known)}")
     for key in required:
         if key not in block:
             raise ConfigError(f"{path}: missing required key '{block_name}.{key}'")
+
+
+def _check_augment(path: str, block: Mapping) -> None:
+    """Value checks of the `augment:` block (its keys are checked by _check_block)."""
+    from dataset.randaugment import OPS
+    scale = block.get('crop_min_scale', 0.5)
+    if isinstance(scale, bool) or not isinstance(scale, _NUM) or not 0 < scale <= 1:
+        raise ConfigError(f"{path}: key 'augment.crop_min_scale' must be a number in (0, 1], got {scale!r}")
+    if not isinstance(block.get('hflip', True), bool):
+        raise ConfigError(f"{path}: key 'augment.hflip' must be bool, got {block['hflip']!r}")
+    ops = block.get('randaug_ops', [])
+    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+        raise ConfigError(f"{path}: key 'augment.randaug_ops' must be a list of op names, got {ops!r}")
+    for op in ops:
+        if op not in OPS:
+            raise ConfigError(f"{path}: key 'augment.randaug_ops' names an unknown op '{op}'{_suggest(op, OPS)}; "
+                              f"known ops: {', '.join(OPS)}")
+
+
+def _first_non_finite(path: str, value, key: str = '', ancestors: tuple = ()) -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN or infinite number anywhere in a config, or None.
+
+    A list or mapping that contains itself (a recursive YAML alias) is a ConfigError: no config key takes one.
+    """
+    if isinstance(value, float) and not np.isfinite(value):
+        return key, value
+    if not isinstance(value, (Mapping, list)):
+        return None
+    if any(value is a for a in ancestors):
+        raise ConfigError(f"{path}: key '{key}' contains itself (a recursive YAML alias)")
+    children = value.items() if isinstance(value, Mapping) else enumerate(value)
+    for k, v in children:
+        found = _first_non_finite(path, v, f'{key}.{k}' if key else str(k), ancestors + (value,))
+        if found is not None:
+            return found
+    return None
 
 
 def validate_config(config: Mapping, path: str = '<config>', required: Sequence[str] = ()) -> None:
@@ -354,6 +403,10 @@ def validate_config(config: Mapping, path: str = '<config>', required: Sequence[
         raise ConfigError(f"{path}: give either 'schedular' (original spelling) or 'scheduler', not both")
     if 'augment' in config:
         _check_block(path, 'augment', config['augment'], {'crop_min_scale', 'hflip', 'randaug_ops'}, ())
+        _check_augment(path, config['augment'])
+    bad_number = _first_non_finite(path, config)
+    if bad_number is not None:
+        raise ConfigError(f"{path}: key '{bad_number[0]}' must be a finite number, got {bad_number[1]}")
     if isinstance(config.get('grad_checkpointing'), list):
         bad = [x for x in config['grad_checkpointing'] if x not in ('vision', 'text')]
         if bad:
@@ -388,7 +441,13 @@ def load_config(path: str, required: Sequence[str] = (), overrides: Mapping | No
         mark = getattr(e, 'problem_mark', None)
         where = f':{mark.line + 1}:{mark.column + 1}' if mark is not None else ''
         problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        if 'could not determine a constructor' in problem:
+            problem += ' (configs are read in YAML safe mode: plain values only, no Python objects)'
         raise ConfigError(f'{path}{where}: cannot parse YAML: {problem}') from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})') from None
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read the config file ({e.strerror or e})') from None
     if config is None:
         raise ConfigError(f'{path}: the file is empty')
     if isinstance(config, dict) and overrides:
@@ -406,10 +465,15 @@ def save_config(config: Mapping, path: str) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `--opt key=value` override (value read as YAML, e.g. `batch_size=8`, `distill=false`)."""
+    from ruamel.yaml import YAMLError
     if '=' not in text:
         raise ConfigError(f"--opt expects key=value, got '{text}'")
     key, raw = text.split('=', 1)
-    return key.strip(), _yaml().load(raw)
+    try:
+        return key.strip(), _yaml().load(raw)
+    except YAMLError as e:
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ConfigError(f"--opt {text}: the value is not valid YAML ({problem})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,6 +551,8 @@ def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.
                    help='tokenizer and BERT weights: hub name or local folder (default: from config)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', default=42, type=int)
+    p.add_argument('--deterministic', action='store_true',
+                   help='use only deterministic torch kernels (bit-exact reruns and resumes; slower on GPU)')
     p.add_argument('--distributed', action=argparse.BooleanOptionalAction, default=True,
                    help='use torch.distributed when launched by torchrun (--no-distributed to force off)')
     p.add_argument('--world_size', default=1, type=int)
@@ -503,8 +569,50 @@ def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.
     return p
 
 
+EXIT_USER_ERROR = 2    # bad config, data, checkpoint or flags: the one-line message says what to fix
+EXIT_PEER_LOST = 3     # another rank of a distributed run failed or was killed; this rank stopped on its own
+EXIT_INTERRUPTED = 130
+
+# What torch.distributed backends say when the other end of a collective is gone (gloo raises plain RuntimeErrors
+# from its transport, e.g. "Read error ...: Connection reset by peer"; other code paths raise DistError).
+_LOST_PEER_PATTERN = re.compile(r'connection (reset|closed|refused)|closed by peer|broken pipe|socket|timed out|'
+                                r'timeout|pair closure', re.IGNORECASE)
+
+
+def _rank_prefix() -> str:
+    """'rank R of W: ' in a distributed run (so the line says which process failed), else ''."""
+    return f'rank {get_rank()} of {get_world_size()}: ' if get_world_size() > 1 else ''
+
+
+def lost_peer_reason(exc: BaseException) -> str | None:
+    """If `exc` means another rank of the process group is gone, a short reason from its message; else None."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    is_dist_error = isinstance(exc, dist.DistError)
+    if not is_dist_error and not (is_dist_avail_and_initialized() and _LOST_PEER_PATTERN.search(str(exc))):
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r'^\[[^\]]*\]\s*', '', first)  # gloo prefixes the C++ source location
+    first = first.split(' This is typically caused')[0]
+    return first[:200]
+
+
+def _print_error(message: str) -> None:
+    # One line whatever the message quotes (a key or a path with a newline in it), so that logs stay greppable.
+    message = message.replace('\r', '\\r').replace('\n', '\\n')
+    # Straight to stderr: on ranks > 0 `print` is silenced by setup_for_distributed, and their errors must show.
+    sys.stderr.write(f'error: {_rank_prefix()}{message}\n')
+    sys.stderr.flush()
+
+
 def run_cli(main, argv: Sequence[str] | None = None) -> int:
-    """Run `main(argv)`; turn user errors into one line on stderr and exit code 2 (tracebacks with --debug)."""
+    """Run `main(argv)` and return the exit code; errors meant for the user become one line on stderr.
+
+    UserError -> `error: <message>` and EXIT_USER_ERROR (2). Losing another rank of a distributed run (it crashed
+    or was killed, so a collective fails here) -> one line and EXIT_PEER_LOST (3), instead of a traceback from
+    deep inside the backend. In a distributed run the line starts with 'rank R of W: '. With --debug both are
+    re-raised with their traceback. Anything else is a bug and keeps its traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
@@ -512,11 +620,18 @@ def run_cli(main, argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         if '--debug' in argv:
             raise
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return 2
+        _print_error(str(e))
+        return EXIT_USER_ERROR
+    except RuntimeError as e:
+        reason = lost_peer_reason(e)
+        if reason is None or '--debug' in argv:
+            raise
+        _print_error(f'lost contact with the other processes ({reason}); another rank failed or was killed, '
+                     f'see its output')
+        return EXIT_PEER_LOST
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,6 +642,8 @@ RUN_MARKERS = ('log.txt', 'checkpoint_last.pth', 'checkpoint_best.pth')
 
 def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, evaluate: bool = False) -> None:
     """Create `output_dir`, check it is writable, and refuse to mix a new run into another run's folder."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f'--output_dir {output_dir}: exists and is not a directory')
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:
@@ -547,8 +664,9 @@ def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False) -> t
     """Everything a task script does before building data and model.
 
     Loads and validates the config (with --opt overrides and --text_encoder / --precision / --num_workers),
-    starts torch.distributed when launched for it, prepares output_dir, writes config.yaml and seeds with
-    seed + rank. Returns (config, device).
+    starts torch.distributed when launched for it, prepares output_dir, writes config.yaml (a --resume run: after
+    the checkpoint's check, see engine.resume_training), turns on deterministic algorithms with --deterministic
+    and seeds with seed + rank. Returns (config, device).
     """
     overrides = dict(parse_override(o) for o in getattr(args, 'opt', []))
     config = load_config(args.config, required=required, overrides=overrides)
@@ -562,10 +680,13 @@ def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False) -> t
         config['schedular'] = config.pop('scheduler')
     init_distributed_mode(args)
     device = resolve_device(args.device)
+    resume = getattr(args, 'resume', False)
     if is_main_process():
-        prepare_output_dir(args.output_dir, getattr(args, 'resume', False), getattr(args, 'overwrite', False),
-                           evaluate)
-        save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+        prepare_output_dir(args.output_dir, resume, getattr(args, 'overwrite', False), evaluate)
+        if not resume:  # a resumed run rewrites config.yaml only once its checkpoint accepted the config
+            save_config(config, os.path.join(args.output_dir, 'config.yaml'))
     barrier()
+    if getattr(args, 'deterministic', False):
+        use_deterministic_algorithms()
     seed_everything(args.seed + get_rank())
     return config, device

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from dataset.utils import DataError
+
 
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler (also used at world size 1) that can skip the first `start_batch` batches."""
@@ -80,7 +82,8 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, co
     Shuffled per epoch by a `ResumableSampler` across all ranks (padding as DistributedSampler does), the last
     incomplete batch dropped (as the original's training loaders), pinned memory on CUDA. Workers are not
     persistent: they are re-created each epoch so they see the epoch number set on `SeededDataset`.
-    The loader has its own generator so that it never draws from the global torch RNG.
+    The loader has its own generator so that it never draws from the global torch RNG. A training set smaller
+    than one batch per process is a DataError (no step would run).
     """
     from torch.utils.data import DataLoader
     import torch.distributed as dist
@@ -89,6 +92,11 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, seed: int, co
     seeded = SeededDataset(dataset, seed)
     sampler = ResumableSampler(seeded, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                batch_size=batch_size)
+    if sampler.num_samples < batch_size:  # drop_last would leave no batch at all: training would silently do nothing
+        files = getattr(getattr(dataset, 'ann', None), 'files', None)
+        source = f' ({", ".join(files)})' if files else ''
+        raise DataError(f'the training set{source} has {len(dataset)} items, fewer than one batch of {batch_size} '
+                        f'per process ({world} process{"es" if world > 1 else ""}): lower the batch size')
     return DataLoader(seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), drop_last=True, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))

@@ -79,7 +79,7 @@ def _type_name(types) -> str:
     return ' or '.join('list' if t is list else t.__name__ for t in types)
 
 
-def as_file_list(ann_file, what: str = 'ann_file') -> list[str]:
+def as_file_list(ann_file, what: str = 'annotation file') -> list[str]:
     """Accept one path or a list of paths; return a list (empty or non-string entries are errors)."""
     files = [ann_file] if isinstance(ann_file, (str, os.PathLike)) else ann_file
     if not isinstance(files, (list, tuple)) or not files:
@@ -124,7 +124,7 @@ class Annotations:
         return f'{f} item {i}'
 
 
-def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'ann_file',
+def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotation file',
                      check: Callable[[dict, str], None] | None = None) -> Annotations:
     """Load and validate JSON annotation file(s) (one path or a list, concatenated in order).
 

@@ -155,6 +155,7 @@ def _load_error(where: str, exc: Exception) -> CheckpointError:
             f'weights_only=True) refuses; if you trust this file, load it with allow_pickle=True '
             f'(command line: --unsafe_load)')
     first = msg.strip().splitlines()[0] if msg.strip() else ''
+    first = first.split('. ')[0]  # torch's zip reader appends paragraphs of advice after the cause
     return CheckpointError(f'cannot read checkpoint {where}: the file is truncated or corrupt '
                            f'({type(exc).__name__}{": " + first[:200] if first else ""})')
 

@@ -18,7 +18,7 @@ import VE
 import utils
 from dataset import DataError, create_dataset
 from evaluation import classification
-from tests.toy import generate_world, make_toy_config
+from tests.toy import MINI_WORLD_SIZES, TINY_SCHED as SCHED, generate_world, make_toy_config, mini_config
 
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluator on a handmade model and loader
@@ -111,26 +111,9 @@ def test_evaluator_refuses_partial_or_shuffled_loaders():
 # ----------------------------------------------------------------------------------------------------------------
 # The scripts on a mini world with tiny models
 # ----------------------------------------------------------------------------------------------------------------
-TINY_BERT = {'architectures': ['BertForMaskedLM'], 'attention_probs_dropout_prob': 0.0, 'hidden_act': 'gelu',
-             'hidden_dropout_prob': 0.0, 'hidden_size': 32, 'initializer_range': 0.02, 'intermediate_size': 64,
-             'layer_norm_eps': 1e-12, 'max_position_embeddings': 64, 'model_type': 'bert',
-             'num_attention_heads': 2, 'num_hidden_layers': 2, 'pad_token_id': 0, 'type_vocab_size': 2,
-             'vocab_size': 200, 'fusion_layer': 1, 'encoder_width': 32}
-TINY = dict(bert_config=TINY_BERT, image_res=16, patch_size=8, vision_width=32, vision_depth=1, vision_num_heads=2,
-            embed_dim=16, num_workers=0, print_freq=100)
-SCHED = {'sched': 'cosine', 'lr': 1e-4, 'epochs': 1, 'min_lr': 1e-5, 'decay_rate': 1, 'warmup_lr': 1e-4,
-         'warmup_epochs': 1, 'cooldown_epochs': 0}
-
-
 @pytest.fixture(scope='module')
 def mini_world(tmp_path_factory):
-    return generate_world(str(tmp_path_factory.mktemp('mini') / 'world'), 3, train_images=24, val_images=8,
-                          test_images=8, image_size=48)
-
-
-def mini_config(name, world, path, **overrides):
-    batch = {'batch_size': 4} if name != 'VE' else {'batch_size_train': 4, 'batch_size_test': 5}
-    return make_toy_config(name, world, str(path), **{**TINY, **batch, 'schedular': dict(SCHED), **overrides})
+    return generate_world(str(tmp_path_factory.mktemp('mini') / 'world'), 3, **MINI_WORLD_SIZES)
 
 
 def run_args(cfg, out, *extra):

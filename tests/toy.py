@@ -32,6 +32,27 @@ def make_toy_config(name: str, world_dir: str, out_path: str, **overrides) -> st
     return out_path
 
 
+# Tiny models and a mini world for tests that run the task scripts end to end in seconds (what they learn does not
+# matter there; the learning tests use the toy configs' own sizes).
+MINI_WORLD_SIZES = {'train_images': 24, 'val_images': 8, 'test_images': 8, 'image_size': 48}
+TINY_BERT = {'architectures': ['BertForMaskedLM'], 'attention_probs_dropout_prob': 0.0, 'hidden_act': 'gelu',
+             'hidden_dropout_prob': 0.0, 'hidden_size': 32, 'initializer_range': 0.02, 'intermediate_size': 64,
+             'layer_norm_eps': 1e-12, 'max_position_embeddings': 64, 'model_type': 'bert',
+             'num_attention_heads': 2, 'num_hidden_layers': 2, 'pad_token_id': 0, 'type_vocab_size': 2,
+             'vocab_size': 200, 'fusion_layer': 1, 'encoder_width': 32}
+TINY = dict(bert_config=TINY_BERT, image_res=16, patch_size=8, vision_width=32, vision_depth=1, vision_num_heads=2,
+            embed_dim=16, num_workers=0, print_freq=100)
+TINY_SCHED = {'sched': 'cosine', 'lr': 1e-4, 'epochs': 1, 'min_lr': 1e-5, 'decay_rate': 1, 'warmup_lr': 1e-4,
+              'warmup_epochs': 1, 'cooldown_epochs': 0}
+
+
+def mini_config(name: str, world_dir: str, out_path, **overrides) -> str:
+    """configs/toy/<name>.yaml with the TINY model, batch 4 (VE: 4 / test 5), one epoch and `overrides`."""
+    batch = {'batch_size': 4} if name != 'VE' else {'batch_size_train': 4, 'batch_size_test': 5}
+    return make_toy_config(name, world_dir, str(out_path),
+                           **{**TINY, **batch, 'schedular': dict(TINY_SCHED), **overrides})
+
+
 def generate_world(out_dir: str, seed: int, **sizes) -> str:
     """Generate a toy world (quietly) and return its folder."""
     from dataset import toyworld
@@ -76,3 +97,27 @@ def pretrain_cached(world_dir: str, cache_root: str) -> str:
             Pretrain.main(['--config', cfg, '--output_dir', out, '--device', 'cpu', '--no-distributed'])
             open(os.path.join(out, 'DONE'), 'w').close()
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for MASTER_PORT)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(script: str, args: list, world_size: int = 2, threads: int = 1) -> list:
+    """Start `script` once per rank as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set; gloo on
+    CPU), each with stdout and stderr piped separately. Returns the Popen objects, rank order."""
+    import subprocess
+    import sys
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE='1',
+                   PYTHONUNBUFFERED='1')
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], env=env,
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
