@@ -300,8 +300,9 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     # model
     'bert_config': (str, dict), 'image_res': (int,), 'patch_size': (int,), 'vision_width': (int,),
     'vision_depth': (int,), 'vision_num_heads': (int,), 'mlp_ratio': _NUM, 'embed_dim': (int,),
-    'vision_init_std': _NUM,
-    'temp': _NUM, 'mlm_probability': _NUM, 'queue_size': (int,), 'momentum': _NUM, 'alpha': _NUM,
+    'vision_init_std': _NUM, 'attention_qk_init_std': _NUM,
+    'temp': _NUM, 'mlm_probability': _NUM, 'itm_random_negatives': _NUM, 'queue_size': (int,), 'momentum': _NUM,
+    'alpha': _NUM,
     'distill': (bool,), 'vqa_decoder_layers': (int,), 'grad_checkpointing': (bool, list),
     'text_encoder': (str,), 'text_decoder': (str,), 'load_text_weights': (bool,), 'vision_pretrained': (str, type(None)),
     # training / evaluation
@@ -317,7 +318,9 @@ SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 
                   'lr_noise_pct', 'lr_noise_std', 'lr_cycle_mul', 'lr_cycle_limit', 'seed'}
 POSITIVE_INT_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
                      'queue_size', 'batch_size', 'batch_size_train', 'batch_size_test', 'k_test', 'max_words',
-                     'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size'}
+                     'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size', 'vision_init_std',
+                     'attention_qk_init_std'}
+UNIT_INTERVAL_KEYS = {'mlm_probability', 'momentum', 'alpha', 'itm_random_negatives'}  # shares and rates in [0, 1]
 CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc', 'itc')}
 
 
@@ -389,6 +392,8 @@ def validate_config(config: Mapping, path: str = '<config>', required: Sequence[
                               f"got {type(value).__name__} {value!r}")
         if key in POSITIVE_INT_KEYS and value <= 0:
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {value}")
+        if key in UNIT_INTERVAL_KEYS and not 0 <= value <= 1:
+            raise ConfigError(f"{path}: key '{key}' must be in [0, 1], got {value}")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{path}: key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
     for key in required:

@@ -28,5 +28,37 @@ def model_class(task):
 
 
 def create_model(task, config, tokenizer=None):
-    """Build the task's ALBEF model from a config dict (sizes from config, random init)."""
-    return model_class(task)(config, tokenizer)
+    """Build the task's ALBEF model from a config dict (sizes from config, random init).
+
+    `attention_qk_init_std` (optional) re-draws the query and key projections of every attention layer (ViT
+    self-attention, BERT self- and cross-attention) with that std: see `init_attention_query_key`.
+    """
+    model = model_class(task)(config, tokenizer)
+    if config.get('attention_qk_init_std') is not None:
+        init_attention_query_key(model, config['attention_qk_init_std'])
+    return model
+
+
+def init_attention_query_key(model, std):
+    """Re-draw the query and key weights of every attention layer of `model` from N(0, std), truncated at 2 std.
+
+    For models trained from scratch with a wide init (the toy configs' vision_init_std / initializer_range 0.2,
+    chosen so that features of different inputs differ at the start), attention logits would start with a std
+    of about 5: near one-hot attention on random tokens, whose softmax passes almost no gradient, so the fusion
+    layers take far longer to learn where to look. Small query/key weights start every attention near uniform
+    and leave the value path (what the features carry) at the wide init. Momentum copies are overwritten later
+    by copy_params().
+    """
+    import torch
+    from timm.layers import trunc_normal_
+    from models.vit import RecordingAttention
+    from models.xbert import BertSelfAttention
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RecordingAttention):
+                qk = module.qkv.weight[:2 * module.attn_dim]  # rows: query, key, value
+                trunc_normal_(qk, std=std, a=-2 * std, b=2 * std)
+            elif isinstance(module, BertSelfAttention):
+                for linear in (module.query, module.key):
+                    trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)

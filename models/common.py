@@ -145,6 +145,7 @@ class ContrastiveMixin(MomentumMixin):
         self.temp = nn.Parameter(torch.tensor(float(config.get('temp', 0.07))))
         self.queue_size = config.get('queue_size', 65536)
         self.momentum = config.get('momentum', 0.995)
+        self.itm_random_negatives = config.get('itm_random_negatives', 0.0)  # see itm_negative_weights
         self.register_buffer('image_queue', make_queue(embed_dim, self.queue_size))
         self.register_buffer('text_queue', make_queue(embed_dim, self.queue_size))
         if idx_queue:  # -100: no image yet, so an empty slot never counts as a positive
@@ -206,6 +207,23 @@ class ContrastiveMixin(MomentumMixin):
         text_feat_m = F.normalize(self.text_proj_m(text_out_m[:, 0, :]), dim=-1)
         text_feat_all = torch.cat([text_feat_m.t().float(), self.text_queue], dim=1)
         return image_embeds_m, image_feat_m, image_feat_all, text_feat_m, text_feat_all
+
+
+def itm_negative_weights(sim, not_negative, random_share=0.0):
+    """Sampling weights of ITM negatives: row b weighs the in-batch candidates for query b (spec 6.2 step 6).
+
+    sim [B, B]: ITC similarities of the queries to the in-batch candidates; not_negative [B, B] bool: pairs
+    never drawn (the positive itself; in retrieval every caption of the same image). The original draws by
+    softmax(sim) (hard negatives). With `random_share` s > 0 the rows are (1 - s) * that distribution + s *
+    uniform over the allowed candidates: from-scratch training (the toy world) needs easy negatives while the
+    fusion layers learn to look at the image at all; with pretrained encoders s = 0 (the default) is the original.
+    """
+    weights = F.softmax(sim.float(), dim=1).masked_fill(not_negative, 0)
+    if random_share:
+        allowed = (~not_negative).float()
+        weights = ((1 - random_share) * weights / weights.sum(1, keepdim=True)
+                   + random_share * allowed / allowed.sum(1, keepdim=True))
+    return weights
 
 
 def itm_hard_negatives(model, image_embeds, text_embeds, text_atts, weights_i2t, weights_t2i):

@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import losses
-from models.common import ContrastiveMixin, build_text_config, itm_hard_negatives, require_tokenizer
+from models.common import ContrastiveMixin, build_text_config, itm_hard_negatives, itm_negative_weights, require_tokenizer
 from models.momentum import concat_all_gather, dequeue_and_enqueue
 from models.xbert import BertForMaskedLM
 
@@ -48,10 +48,9 @@ class ALBEF(ContrastiveMixin, nn.Module):
         # ITM: positives + one hard negative image per text and one hard negative text per image.
         bs = image.size(0)
         with torch.no_grad():
-            weights_i2t = F.softmax(sim_i2t[:, :bs].float(), dim=1)
-            weights_t2i = F.softmax(sim_t2i[:, :bs].float(), dim=1)
-            weights_i2t.fill_diagonal_(0)
-            weights_t2i.fill_diagonal_(0)
+            itself = torch.eye(bs, dtype=torch.bool, device=image.device)
+            weights_i2t = itm_negative_weights(sim_i2t[:, :bs], itself, self.itm_random_negatives)
+            weights_t2i = itm_negative_weights(sim_t2i[:, :bs], itself, self.itm_random_negatives)
         itm_logits, itm_labels = itm_hard_negatives(self, image_embeds, text_embeds, attention_mask,
                                                     weights_i2t, weights_t2i)
         loss_itm = losses.itm_loss(itm_logits, itm_labels)

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import losses
-from models.common import ContrastiveMixin, build_text_config, itm_hard_negatives
+from models.common import ContrastiveMixin, build_text_config, itm_hard_negatives, itm_negative_weights
 from models.momentum import concat_all_gather, dequeue_and_enqueue
 from models.xbert import BertModel
 
@@ -54,8 +54,8 @@ class ALBEF(ContrastiveMixin, nn.Module):
         with torch.no_grad():
             # (The reference adds 1e-4 before the softmax, which cancels out.) Same-image pairs are no negatives.
             same_image = torch.eq(idx, idx.t())
-            weights_i2t = F.softmax(sim_i2t[:, :bs].float(), dim=1).masked_fill(same_image, 0)
-            weights_t2i = F.softmax(sim_t2i[:, :bs].float(), dim=1).masked_fill(same_image, 0)
+            weights_i2t = itm_negative_weights(sim_i2t[:, :bs], same_image, self.itm_random_negatives)
+            weights_t2i = itm_negative_weights(sim_t2i[:, :bs], same_image, self.itm_random_negatives)
         itm_logits, itm_labels = itm_hard_negatives(self, image_embeds, text_embeds, attention_mask,
                                                     weights_i2t, weights_t2i)
         loss_itm = losses.itm_loss(itm_logits, itm_labels)

@@ -134,3 +134,26 @@ def test_mask_tokens_rules_and_rng():
     torch.manual_seed(3)
     b = losses.mask_tokens(ids, V, mask_id, pad, cls)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_itm_negative_weights_hard_random_and_excluded_pairs():
+    from models.common import itm_negative_weights
+    torch.manual_seed(0)
+    sim = torch.randn(5, 5) * 3
+    itself = torch.eye(5, dtype=torch.bool)
+    hard = itm_negative_weights(sim, itself)
+    # s = 0 is the original: softmax over the row, the positive zeroed, nothing renormalised.
+    expected = torch.softmax(sim, dim=1)
+    expected.fill_diagonal_(0)
+    assert torch.equal(hard, expected)
+    mixed = itm_negative_weights(sim, itself, 0.5)
+    assert torch.allclose(mixed.sum(1), torch.ones(5))
+    assert torch.allclose(mixed, 0.5 * hard / hard.sum(1, keepdim=True) + 0.5 * (~itself).float() / 4)
+    uniform = itm_negative_weights(sim, itself, 1.0)
+    assert torch.allclose(uniform, (~itself).float() / 4)
+    # Excluded pairs (e.g. captions of the same image in retrieval) are never drawn at any share.
+    same_image = itself.clone()
+    same_image[0, 1] = same_image[1, 0] = True
+    for share in (0.0, 0.3, 1.0):
+        weights = itm_negative_weights(sim, same_image, share)
+        assert (weights[same_image] == 0).all() and (weights[~same_image] > 0).all()

@@ -58,6 +58,13 @@ def test_non_positive_size(tmp_path):
         utils.load_config(write(tmp_path, 'queue_size: -4\n'))
 
 
+@pytest.mark.parametrize('key', ['momentum', 'alpha', 'mlm_probability', 'itm_random_negatives'])
+def test_shares_outside_unit_interval(tmp_path, key):
+    with pytest.raises(utils.ConfigError, match=f"key '{key}' must be in \\[0, 1\\], got 1.5"):
+        utils.load_config(write(tmp_path, f'{key}: 1.5\n'))
+    assert utils.load_config(write(tmp_path, f'{key}: 0.5\n'))[key] == 0.5
+
+
 def test_queue_smaller_than_batch(tmp_path):
     with pytest.raises(utils.ConfigError, match=r"'queue_size' \(8\) is smaller than 'batch_size' \(16\)"):
         utils.load_config(write(tmp_path, 'queue_size: 8\nbatch_size: 16\n'))

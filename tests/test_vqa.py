@@ -18,19 +18,12 @@ import utils
 import VQA
 from dataset import DataError, create_dataset, vqa_collate_fn
 from evaluation import vqa as vqa_eval
-from tests.toy import generate_world, make_toy_config
+from tests.toy import TINY as TINY_BASE, TINY_SCHED, generate_world, make_toy_config
 from vqaTools import VQAError
 
-TINY_BERT = {'architectures': ['BertForMaskedLM'], 'attention_probs_dropout_prob': 0.0, 'hidden_act': 'gelu',
-             'hidden_dropout_prob': 0.0, 'hidden_size': 32, 'initializer_range': 0.02, 'intermediate_size': 64,
-             'layer_norm_eps': 1e-12, 'max_position_embeddings': 64, 'model_type': 'bert',
-             'num_attention_heads': 2, 'num_hidden_layers': 2, 'pad_token_id': 0, 'type_vocab_size': 2,
-             'vocab_size': 200, 'fusion_layer': 1, 'encoder_width': 32}
-TINY = dict(bert_config=TINY_BERT, image_res=16, patch_size=8, vision_width=32, vision_depth=1, vision_num_heads=2,
-            embed_dim=16, vqa_decoder_layers=1, num_workers=0, print_freq=100, batch_size_train=4,
-            batch_size_test=5, k_test=4)
-SCHED = {'sched': 'cosine', 'lr': 1e-4, 'epochs': 1, 'min_lr': 1e-5, 'decay_rate': 1, 'warmup_lr': 1e-4,
-         'warmup_epochs': 1, 'cooldown_epochs': 0}
+# The shared tiny model plus VQA's decoder depth and batch sizes.
+TINY = dict(TINY_BASE, vqa_decoder_layers=1, batch_size_train=4, batch_size_test=5, k_test=4)
+SCHED = TINY_SCHED
 
 
 @pytest.fixture(scope='module')
