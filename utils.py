@@ -539,6 +539,14 @@ def append_json_line(path: str, record: Mapping) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f'must be > 0, got {value}')
+    return value
+
+
 def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.ArgumentParser:
     """The flags every task script shares, training-loop ones included (use as `parents=[...]`)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -562,6 +570,8 @@ def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.
                    help='use torch.distributed when launched by torchrun (--no-distributed to force off)')
     p.add_argument('--world_size', default=1, type=int)
     p.add_argument('--dist_url', default='env://')
+    p.add_argument('--dist_timeout', default=1800, type=_positive_int, metavar='SECONDS',
+                   help='how long a rank waits for the others (start-up and each collective) before it fails')
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
     p.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'],
                    help='autocast precision (default: config, else fp32)')

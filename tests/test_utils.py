@@ -114,6 +114,24 @@ def test_world_size_one_helpers():
     utils.barrier()  # must not raise without a process group
 
 
+def test_dist_timeout_flag_reaches_the_process_group(monkeypatch):
+    """--dist_timeout bounds how long a rank waits for peers that never start (default 30 min as torch's)."""
+    import datetime
+    seen = {}
+    monkeypatch.setattr(utils.dist, 'init_process_group', lambda **kw: seen.update(kw))
+    monkeypatch.setattr(utils.dist, 'barrier', lambda: None)
+    monkeypatch.setattr(utils, 'setup_for_distributed', lambda is_master: None)
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    parser = utils.get_parent_parser('c.yaml', 'out')
+    args = parser.parse_args(['--device', 'cpu', '--dist_timeout', '45'])
+    utils.init_distributed_mode(args)
+    assert seen['timeout'] == datetime.timedelta(seconds=45) and seen['backend'] == 'gloo' and seen['rank'] == 1
+    assert parser.parse_args([]).dist_timeout == 1800
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--dist_timeout', '0'])
+
+
 def test_init_distributed_mode_single_process(monkeypatch):
     for var in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_NTASKS'):
         monkeypatch.delenv(var, raising=False)
