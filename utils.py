@@ -316,7 +316,7 @@ OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay', 'momentum', 'opt_eps', 'opt_betas
 SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
                   'cooldown_epochs', 'decay_epochs', 'patience_epochs', 'eval_metric', 'lr_noise',
                   'lr_noise_pct', 'lr_noise_std', 'lr_cycle_mul', 'lr_cycle_limit', 'seed'}
-POSITIVE_INT_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
+POSITIVE_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
                      'queue_size', 'batch_size', 'batch_size_train', 'batch_size_test', 'k_test', 'max_words',
                      'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size', 'vision_init_std',
                      'attention_qk_init_std'}
@@ -390,7 +390,7 @@ def validate_config(config: Mapping, path: str = '<config>', required: Sequence[
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ConfigError(f"{path}: key '{key}' must be {_type_names(types)}, "
                               f"got {type(value).__name__} {value!r}")
-        if key in POSITIVE_INT_KEYS and value <= 0:
+        if key in POSITIVE_KEYS and value <= 0:
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {value}")
         if key in UNIT_INTERVAL_KEYS and not 0 <= value <= 1:
             raise ConfigError(f"{path}: key '{key}' must be in [0, 1], got {value}")

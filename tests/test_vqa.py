@@ -23,7 +23,6 @@ from vqaTools import VQAError
 
 # The shared tiny model plus VQA's decoder depth and batch sizes.
 TINY = dict(TINY_BASE, vqa_decoder_layers=1, batch_size_train=4, batch_size_test=5, k_test=4)
-SCHED = TINY_SCHED
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +32,7 @@ def mini_world(tmp_path_factory):
 
 
 def mini_config(world, path, **overrides):
-    return make_toy_config('VQA', world, str(path), **{**TINY, 'schedular': dict(SCHED), **overrides})
+    return make_toy_config('VQA', world, str(path), **{**TINY, 'schedular': dict(TINY_SCHED), **overrides})
 
 
 def run_args(cfg, out, *extra):
