@@ -161,6 +161,35 @@ def use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+MALLOC_TUNING_ENV = 'ALBEF_MALLOC_TUNING'
+_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_MAX = -1, -4  # mallopt parameter numbers from glibc's malloc.h
+
+
+def tune_memory_allocator(keep_bytes: int = 1 << 30) -> bool:
+    """Let glibc's malloc reuse freed memory for large tensors instead of mapping fresh pages each time.
+
+    glibc serves every block above 32 MB (the most its mmap threshold can be raised to) with a new mmap and returns
+    it on free, so every large temporary of a training step (vocabulary-sized gradients, the queue similarity
+    inputs, big activations) is page-faulted in from zero each time: 15-20 ms for a 47 MB tensor on the reference
+    CPU against under 2 ms for a reused one. With mmap off and up to `keep_bytes` of freed heap kept, a small-size
+    bf16 pretraining step went from 1.40 s to 1.19 s at the same peak memory (benchmarks/train_step.py). The role
+    jemalloc or tcmalloc play when preloaded, without a preload. Returns True when applied: only on Linux with glibc,
+    and not when the environment sets ALBEF_MALLOC_TUNING=0.
+    """
+    if os.environ.get(MALLOC_TUNING_ENV, '1') == '0' or not sys.platform.startswith('linux'):
+        return False
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != 'glibc':
+        return False
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    # Order matters: mallopt(M_MMAP_MAX, 0) alone would still hand freed memory back above the trim threshold.
+    return bool(libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, keep_bytes)) and bool(libc.mallopt(_GLIBC_M_MMAP_MAX, 0))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (callers pass seed + rank, as the original does)."""
     random.seed(seed)
@@ -680,8 +709,8 @@ def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False) -> t
 
     Loads and validates the config (with --opt overrides and --text_encoder / --precision / --num_workers),
     starts torch.distributed when launched for it, prepares output_dir, writes config.yaml (a --resume run: after
-    the checkpoint's check, see engine.resume_training), turns on deterministic algorithms with --deterministic
-    and seeds with seed + rank. Returns (config, device).
+    the checkpoint's check, see engine.resume_training), turns on deterministic algorithms with --deterministic,
+    seeds with seed + rank and tunes malloc for large tensors (tune_memory_allocator). Returns (config, device).
     """
     overrides = dict(parse_override(o) for o in getattr(args, 'opt', []))
     config = load_config(args.config, required=required, overrides=overrides)
@@ -704,4 +733,5 @@ def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False) -> t
     if getattr(args, 'deterministic', False):
         use_deterministic_algorithms()
     seed_everything(args.seed + get_rank())
+    tune_memory_allocator()
     return config, device

@@ -73,9 +73,11 @@ class RandomRetrievalSet:
 def build(args):
     import torch
     import models
+    import utils
     from torch.utils.data import DataLoader
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    utils.tune_memory_allocator()  # as the task scripts do (utils.prepare_run)
     config = build_config(args.size, False)
     config['queue_size'] = 1024  # the queue plays no part in evaluation; keep the model small in memory
     model = models.create_model('retrieval', config).eval()

@@ -8,6 +8,11 @@ Inputs are random images and 25-token texts. Each measurement is the median of -
 --warmup untimed ones, with 2 threads. Peak memory is the process's peak RSS, so a clean comparison runs each
 configuration in its own process: `--compare` does that and prints our fp32 eager path with explicit
 (manual) attention beside the requested fast path, so the ratio is measured on the same machine and moment.
+
+The FLOPs of one step (forward and backward of every matmul, convolution and attention, counted by torch's
+FlopCounterMode on one extra untimed step) give the achieved TFLOP/s; with `--peak-tflops` (the device's dense peak
+for the precision, e.g. 989 for an H100 SXM in bf16, 0.41 for the 2-core reference CPU in bf16) also the model
+FLOPs utilisation. On CUDA `--device cuda` adds the peak allocated GPU memory.
 """
 from __future__ import annotations
 
@@ -72,10 +77,12 @@ def measure(args) -> dict:
     import torch
     import engine
     import models
+    import utils
     from optim import create_optimizer
     from utils import AttrDict
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    malloc_tuned = utils.tune_memory_allocator()  # as the task scripts do (utils.prepare_run)
     device = torch.device(args.device)
     config = build_config(args.size, args.grad_checkpointing)
     vocab = config['bert_config']['vocab_size']
@@ -102,6 +109,11 @@ def measure(args) -> dict:
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flop_counter:
+        step()
+    step_flops = flop_counter.get_total_flops()
+
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -111,8 +123,11 @@ def measure(args) -> dict:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = dict(size=args.size, batch=b, precision=args.precision, device=args.device,
                   grad_checkpointing=args.grad_checkpointing, attention='manual' if args.manual_attention else 'sdpa',
-                  compile=args.compile, median_step_s=statistics.median(times), min_step_s=min(times),
-                  max_step_s=max(times), samples_per_s=b / statistics.median(times), peak_rss_mb=peak_rss_mb)
+                  compile=args.compile, malloc_tuned=malloc_tuned, median_step_s=statistics.median(times), min_step_s=min(times),
+                  max_step_s=max(times), samples_per_s=b / statistics.median(times), peak_rss_mb=peak_rss_mb,
+                  step_gflop=step_flops / 1e9, achieved_tflop_s=step_flops / statistics.median(times) / 1e12)
+    if args.peak_tflops:
+        result['mfu'] = result['achieved_tflop_s'] / args.peak_tflops
     if device.type == 'cuda':
         result['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
     return result
@@ -122,11 +137,16 @@ def row(r: dict) -> str:
     variant = f"{r['precision']} {r['attention']}" + (' ckpt' if r['grad_checkpointing'] else '') + \
               (' compile' if r['compile'] else '')
     return (f"| {r['size']} | {r['batch']} | {variant} | {r['median_step_s']:.3f} | {r['min_step_s']:.3f} / "
-            f"{r['max_step_s']:.3f} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+            f"{r['max_step_s']:.3f} | {r['samples_per_s']:.1f} | {r['step_gflop']:.0f} | "
+            f"{r['achieved_tflop_s']:.3f} | {r['mfu'] * 100 if 'mfu' in r else float('nan'):.0f} | "
+            f"{r['peak_rss_mb']:.0f} |" + (f" {r['peak_cuda_mb']:.0f} |" if 'peak_cuda_mb' in r else ''))
 
 
-HEADER = ('| size | batch | variant | median s/step | min / max | samples/s | peak RSS MB |\n'
-          '| --- | --- | --- | --- | --- | --- | --- |')
+def header(cuda: bool) -> str:
+    columns = ['size', 'batch', 'variant', 'median s/step', 'min / max', 'samples/s', 'GFLOP/step', 'TFLOP/s',
+               'MFU %', 'peak RSS MB'] + (['peak CUDA MB'] if cuda else [])
+    return '| ' + ' | '.join(columns) + ' |\n' + '| --- ' * len(columns) + '|'
+
 
 
 def run_subprocess(argv: list[str]) -> dict:
@@ -144,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument('--compile', action='store_true', help='torch.compile the model (compile time excluded)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--peak-tflops', type=float, default=None,
+                   help="the device's dense peak TFLOP/s for --precision: adds model FLOPs utilisation")
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--steps', type=int, default=5)
     p.add_argument('--json', action='store_true', help='print one JSON line (one measurement, this process)')
@@ -154,12 +176,13 @@ def main(argv=None) -> int:
     if args.batch is None:
         args.batch = {'full': 4, 'small': 16, 'toy': 32}[args.size]
     common = ['--size', args.size, '--batch', str(args.batch), '--device', args.device, '--threads',
-              str(args.threads), '--warmup', str(args.warmup), '--steps', str(args.steps)]
+              str(args.threads), '--warmup', str(args.warmup), '--steps', str(args.steps)] + \
+        (['--peak-tflops', str(args.peak_tflops)] if args.peak_tflops else [])
     if args.compare:
         fast = common + ['--precision', args.precision] + (['--grad-checkpointing'] if args.grad_checkpointing
                                                            else []) + (['--compile'] if args.compile else [])
         results = [run_subprocess(common + ['--precision', 'fp32', '--manual-attention']), run_subprocess(fast)]
-        print(HEADER)
+        print(header(args.device.startswith('cuda')))
         for r in results:
             print(row(r))
         speedup = results[0]['median_step_s'] / results[1]['median_step_s']
@@ -170,7 +193,7 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(results[0]))
         else:
-            print(HEADER)
+            print(header(args.device.startswith('cuda')))
             print(row(results[0]))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

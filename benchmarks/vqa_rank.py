@@ -51,7 +51,9 @@ def measure(args) -> dict:
     import torch
     import engine
     import models
+    import utils
     torch.set_num_threads(args.threads)
+    utils.tune_memory_allocator()  # as the task scripts do (utils.prepare_run)
     device = torch.device(args.device)
     config = build_config(args.size)
     torch.manual_seed(0)

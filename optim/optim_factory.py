@@ -16,9 +16,11 @@ Built from torch.optim and timm.optim classes. The original's name table is repr
   `Lamb` (the algorithm of apex FusedLAMB's defaults). 'fusednovograd' (apex FusedNovoGrad, whose bias-corrected
   algorithm nothing else provides) is refused with a ConfigError.
 
-Kernels: for torch optimizers that support them, the fused implementation is chosen when every parameter is a
-floating-point CUDA tensor (Adam, AdamW, SGD), otherwise the multi-tensor `foreach` implementation (also on CPU).
-`opt_args` may override either (e.g. `opt_args: {fused: false}`).
+Kernels: torch's fused implementation is chosen when every parameter is a floating-point tensor on one CPU or
+CUDA device and the class has one (SGD, Adam, AdamW): on CPU it is 5-9x faster than the other two (AdamW
+on 300 768x768 tensors, 2 threads: fused 0.10 s, per-tensor loop 0.52 s, foreach 0.93 s) and makes no temporary
+copy of the optimizer state. Otherwise the multi-tensor `foreach` implementation on CUDA, and the per-tensor loop
+on CPU, where torch's foreach ops are a slower loop. `opt_args` may override (e.g. `opt_args: {fused: false}`).
 """
 from __future__ import annotations
 
@@ -190,19 +192,20 @@ def _all_params(params: list) -> list[torch.Tensor]:
 
 
 def _kernel_kwargs(cls: type, params: list, opt_args: Mapping) -> dict:
-    """Pick the fastest implementation torch offers for these parameters (fused on CUDA, foreach otherwise)."""
+    """Pick the fastest implementation torch offers for these parameters (see the module docstring)."""
     if 'fused' in opt_args or 'foreach' in opt_args:
         return {}  # the user decided
     accepted = inspect.signature(cls.__init__).parameters
     tensors = _all_params(params)
-    if not tensors:
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
         return {}
-    on_cuda = all(t.is_cuda and t.is_floating_point() for t in tensors)
-    if on_cuda and cls in _FUSED_CAPABLE and 'fused' in accepted:
+    device_type = next(iter(devices)).type
+    floating = all(t.is_floating_point() for t in tensors)
+    if floating and device_type in ('cpu', 'cuda') and cls in _FUSED_CAPABLE and 'fused' in accepted:
         return {'fused': True}
-    same_device = len({t.device for t in tensors}) == 1
-    if 'foreach' in accepted and same_device:
-        return {'foreach': True}
+    if 'foreach' in accepted:
+        return {'foreach': device_type != 'cpu'}
     return {}
 
 

@@ -154,18 +154,26 @@ def test_grouping_skip_list_and_no_filter():
         assert opt.param_groups[0]['weight_decay'] == kw['weight_decay']
 
 
-def test_cpu_uses_foreach_and_matches_the_loop():
+@pytest.mark.parametrize('name', ['adamw', 'adam', 'sgd', 'nesterov'])
+def test_cpu_uses_fused_kernels_that_match_the_loop(name):
     model, x, y = _regression()
-    opt = create_optimizer({'opt': 'adamw', 'lr': 1e-2, 'weight_decay': 0.02}, model)
-    assert opt.defaults.get('foreach') is True and not opt.defaults.get('fused')
+    args = {'opt': name, 'lr': 1e-2, 'weight_decay': 0.02}
+    opt = create_optimizer(args, model)
+    assert opt.defaults.get('fused') is True
     model2, _, _ = _regression()
-    ref = create_optimizer({'opt': 'adamw', 'lr': 1e-2, 'weight_decay': 0.02, 'opt_args': {'foreach': False}},
-                           model2)
-    assert ref.defaults['foreach'] is False
+    ref = create_optimizer({**args, 'opt_args': {'foreach': False}}, model2)
+    assert ref.defaults['foreach'] is False and not ref.defaults.get('fused')
     _train(opt, model, x, y, steps=5)
     _train(ref, model2, x, y, steps=5)
     for a, b in zip(model.parameters(), model2.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_without_a_fused_kernel_uses_the_per_tensor_loop():
+    model, _, _ = _regression()
+    opt = create_optimizer({'opt': 'rmsprop', 'lr': 1e-2}, model)
+    assert type(opt) is torch.optim.RMSprop
+    assert opt.defaults['foreach'] is False and not opt.defaults.get('fused')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
