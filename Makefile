@@ -19,13 +19,15 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# The toy learning tests (marked slow) do not reach their goals yet (see README, "Status"), so `make test`
-# runs everything else; `make test-learning` runs them.
+# `make test` runs everything but the learning tests marked `goal`, whose thresholds the toy runs do not reach
+# yet (see README, "Status"); `make test-learning` runs those. Skip the slow ones too (the shared toy
+# pretraining, ~6 min): make test TEST_MARKS="not goal and not slow".
+TEST_MARKS ?= not goal
 test: setup
-	$(PY) -m pytest -x -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -x -q -m "$(TEST_MARKS)" $(PYTEST_ARGS)
 
 test-learning: setup
-	$(PY) -m pytest -x -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -x -q -m goal $(PYTEST_ARGS)
 
 toyworld: setup
 	$(PY) -m dataset.toyworld --out $(TOY_DIR) --seed 0

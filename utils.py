@@ -337,7 +337,7 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     # training / evaluation
     'batch_size': (int,), 'batch_size_train': (int,), 'batch_size_test': (int,), 'k_test': (int,),
     'warm_up': (bool,), 'eval_ema': (bool,), 'precision': (str,), 'grad_accum_steps': (int,),
-    'print_freq': (int,), 'itm_batch_size': (int,), 'score': (str,),
+    'print_freq': (int,), 'itm_batch_size': (int,), 'score': (str,), 'ddp_bucket_cap_mb': _NUM,
     'optimizer': (dict,), 'schedular': (dict,), 'scheduler': (dict,),
 }
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay', 'momentum', 'opt_eps', 'opt_betas', 'opt_args',
@@ -348,7 +348,7 @@ SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 
 POSITIVE_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
                      'queue_size', 'batch_size', 'batch_size_train', 'batch_size_test', 'k_test', 'max_words',
                      'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size', 'vision_init_std',
-                     'attention_qk_init_std'}
+                     'attention_qk_init_std', 'ddp_bucket_cap_mb'}
 UNIT_INTERVAL_KEYS = {'mlm_probability', 'momentum', 'alpha', 'itm_random_negatives'}  # shares and rates in [0, 1]
 CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc', 'itc')}
 

@@ -374,6 +374,7 @@ def toy_grounding_run(toy_world, toy_pretrain, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.goal
 def test_toy_grounding_accuracy_well_above_chance(toy_world, toy_pretrain, tmp_path_factory):
     run = toy_grounding_run(toy_world, toy_pretrain, tmp_path_factory)
     with open(os.path.join(run['out'], 'grounding_results.json')) as f:

@@ -119,6 +119,7 @@ def test_bad_input_gives_one_line_error(small_world, random_ckpt, tmp_path, caps
 # Slow: after toy training the caption's map points at the object
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.goal
 def test_toy_caption_map_peaks_inside_object(toy_world, toy_pretrain, tmp_path_factory, tmp_path):
     from tests.test_grounding import toy_grounding_run
     run = toy_grounding_run(toy_world, toy_pretrain, tmp_path_factory)

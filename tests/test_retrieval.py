@@ -324,6 +324,7 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
 # Learning (slow): toy pretraining (shared fixture) -> retrieval fine-tuning -> test R@1 far above chance
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.goal
 def test_toy_retrieval_learns(toy_world, toy_pretrain, tmp_path):
     import Retrieval
     from tests.toy import make_toy_config
