@@ -2,13 +2,12 @@
 and 384 px, with and without gradient checkpointing; and the largest batch that would fit on 24 / 40 / 80 GB.
 
     python benchmarks/memory_table.py                                   # every task, 256 and 384 px, fp32
-    python benchmarks/memory_table.py --tasks ve --res 384 --batches 2 4 --out output/memory.json
+    python benchmarks/memory_table.py --tasks ve --res 384 --batches 2 6 --out output/memory.json
 
-Each measurement runs in its own process (peak RSS is per process): the task's model built from its released
-config (configs/<Task>.yaml: queue sizes, distillation) at the given resolution, fused AdamW, one training step
-(forward, backward, optimizer step: the first step is the peak, when gradients and the newly made AdamW state are
-all alive) on random inputs of the two `--batches` sizes. Per sample = the peak's growth
-between the two batch sizes divided by their difference; fixed = what is left at batch 0 (weights, momentum
+Each (task, resolution, checkpointing) runs in its own process (peak RSS is per process): the task's model built
+from its released config (configs/<Task>.yaml: queue sizes, distillation) at that resolution, fused AdamW, two
+training steps (forward, backward, optimizer step) at each of the two `--batches` sizes, smaller first. Per
+sample = the peak's growth between the two batch sizes divided by their difference; fixed = what is left at batch 0 (weights, momentum
 copies, gradients, AdamW state, queues, the Python and torch runtime). The batch that fits a card of C GB is
 (C - fixed) / per sample: an estimate from CPU peaks, not a GPU measurement (a GPU adds its CUDA context, about
 0.5 GB, and keeps the caching allocator's reserve; fp32 weights and optimizer state take the same room there).
@@ -47,8 +46,8 @@ def build_inputs(task: str, batch: int, image_res: int, vocab: int):
     image = torch.randn(batch, 3, image_res, image_res)
 
     def text(n, length):
-        ids = torch.randint(1000, vocab, (n, length))
-        ids[:, 0] = 101
+        ids = torch.randint(min(1000, vocab // 2), vocab, (n, length))  # past the special ids
+        ids[:, 0] = 101 if vocab > 101 else 2
         return ids, torch.ones_like(ids)
 
     ids, mask = text(batch, TEXT_LEN)
@@ -71,9 +70,13 @@ def build_inputs(task: str, batch: int, image_res: int, vocab: int):
     raise ValueError(task)
 
 
-def measure_one(task: str, image_res: int, batch: int, grad_checkpointing: bool, precision: str,
+def measure_one(task: str, image_res: int, batches: list[int], grad_checkpointing: bool, precision: str,
                 threads: int) -> dict:
-    """Peak RSS (MB) of this process over model build and one training step of `task` at `batch`."""
+    """Peak RSS (MB) of this process after two training steps of `task` at each batch size, smallest first.
+
+    Two steps each: from the second step on, the AdamW state made by the first is alive during the forward and
+    backward passes, as in every later step. Peak RSS only grows, so each larger batch's peak is its own.
+    """
     import torch
     import engine
     import models
@@ -82,7 +85,8 @@ def measure_one(task: str, image_res: int, batch: int, grad_checkpointing: bool,
     from train_step import _Tokenizer
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    utils.tune_memory_allocator()
+    # No utils.tune_memory_allocator() here: it keeps up to 1 GB of freed memory resident, which would blur what
+    # the peak says about live tensors. With glibc's defaults RSS follows them.
     config_file, model_name = TASKS[task]
     config = utils.load_config(os.path.join(ROOT, 'configs', config_file))
     with open(os.path.join(ROOT, 'configs', 'config_bert.json')) as f:
@@ -94,33 +98,40 @@ def measure_one(task: str, image_res: int, batch: int, grad_checkpointing: bool,
         model.copy_params()
     model.train()
     optimizer = create_optimizer(utils.AttrDict(opt='adamW', lr=1e-5, weight_decay=0.02), model)
-    args, kwargs = build_inputs(task, batch, image_res, vocab)
-    with engine.autocast(torch.device('cpu'), precision):
-        out = model(*args, **kwargs)
-    loss = sum(out.values()) if isinstance(out, dict) else out
-    loss.backward()
-    optimizer.step()
-    return dict(task=task, image_res=image_res, batch=batch, grad_checkpointing=grad_checkpointing,
-                precision=precision, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peaks = []
+    for batch in sorted(batches):
+        args, kwargs = build_inputs(task, batch, image_res, vocab)
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            with engine.autocast(torch.device('cpu'), precision):
+                out = model(*args, **kwargs)
+            loss = sum(out.values()) if isinstance(out, dict) else out
+            loss.backward()
+            optimizer.step()
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(task=task, image_res=image_res, batches=sorted(batches), grad_checkpointing=grad_checkpointing,
+                precision=precision, peak_rss_mb=peaks)
 
 
-def run_subprocess(task, image_res, batch, grad_checkpointing, precision, threads) -> dict:
-    argv = [sys.executable, __file__, '--one', task, str(image_res), str(batch), '--precision', precision,
-            '--threads', str(threads)] + (['--grad-checkpointing'] if grad_checkpointing else [])
+def run_subprocess(task, image_res, batches, grad_checkpointing, precision, threads) -> dict:
+    argv = [sys.executable, __file__, '--one', task, str(image_res), ','.join(map(str, batches)),
+            '--precision', precision, '--threads', str(threads)] + (['--grad-checkpointing'] if grad_checkpointing
+                                                                    else [])
     out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f'measurement {argv[3:]} failed:\n' + '\n'.join(out.stderr.strip().splitlines()[-5:]))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summarise(small: dict, large: dict) -> dict:
-    """Fixed and per-sample memory from two measurements that differ only in batch size."""
-    per_sample = (large['peak_rss_mb'] - small['peak_rss_mb']) / (large['batch'] - small['batch'])
-    fixed = small['peak_rss_mb'] - per_sample * small['batch']
+def summarise(measured: dict) -> dict:
+    """Fixed and per-sample memory from the peaks at two batch sizes."""
+    (small, large), (peak_small, peak_large) = measured['batches'], measured['peak_rss_mb']
+    per_sample = (peak_large - peak_small) / (large - small)
+    fixed = peak_small - per_sample * small
     fits = {f'fits_{c}gb': int((c * 1024 - fixed) // per_sample) if per_sample > 0 else None for c in CARDS_GB}
-    return dict(task=small['task'], image_res=small['image_res'], grad_checkpointing=small['grad_checkpointing'],
-                precision=small['precision'], fixed_mb=fixed, per_sample_mb=per_sample, **fits,
-                measured=[small, large])
+    return dict(task=measured['task'], image_res=measured['image_res'],
+                grad_checkpointing=measured['grad_checkpointing'], precision=measured['precision'], fixed_mb=fixed,
+                per_sample_mb=per_sample, **fits, measured=measured)
 
 
 def row(r: dict) -> str:
@@ -137,18 +148,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--tasks', nargs='+', choices=sorted(TASKS), default=list(TASKS))
     p.add_argument('--res', nargs='+', type=int, default=[256, 384])
-    p.add_argument('--batches', nargs=2, type=int, default=[2, 3], metavar=('SMALL', 'LARGE'))
+    p.add_argument('--batches', nargs=2, type=int, default=[2, 6], metavar=('SMALL', 'LARGE'))
     p.add_argument('--checkpointing', choices=['both', 'on', 'off'], default='both')
     p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--out', default=None, help='also write the rows (and raw measurements) as JSON here')
-    p.add_argument('--one', nargs=3, metavar=('TASK', 'RES', 'BATCH'), help=argparse.SUPPRESS)
+    p.add_argument('--one', nargs=3, metavar=('TASK', 'RES', 'BATCHES'), help=argparse.SUPPRESS)
     p.add_argument('--grad-checkpointing', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        task, res, batch = args.one
-        print(json.dumps(measure_one(task, int(res), int(batch), args.grad_checkpointing, args.precision,
-                                     args.threads)))
+        task, res, batches = args.one
+        print(json.dumps(measure_one(task, int(res), [int(b) for b in batches.split(',')], args.grad_checkpointing,
+                                     args.precision, args.threads)))
         return 0
     small, large = sorted(args.batches)
     if small == large:
@@ -160,9 +171,9 @@ def main(argv=None) -> int:
         for res in args.res:
             for ckpt in checkpointing:
                 shift = max(0, MIN_BATCH.get(task, 1) - small)
-                measured = [run_subprocess(task, res, b + shift, ckpt, args.precision, args.threads)
-                            for b in (small, large)]
-                rows.append(summarise(*measured))
+                measured = run_subprocess(task, res, [small + shift, large + shift], ckpt, args.precision,
+                                          args.threads)
+                rows.append(summarise(measured))
                 print(row(rows[-1]), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
