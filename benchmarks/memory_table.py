@@ -176,9 +176,8 @@ def main(argv=None) -> int:
                 rows.append(summarise(measured))
                 print(row(rows[-1]), flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(rows, f, indent=1)
+        import utils
+        utils.atomic_write_text(args.out, json.dumps(rows, indent=1))
     return 0
 
 

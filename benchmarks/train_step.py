@@ -196,9 +196,8 @@ def main(argv=None) -> int:
             print(header(args.device.startswith('cuda')))
             print(row(results[0]))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(results, f, indent=1)
+        import utils
+        utils.atomic_write_text(args.out, json.dumps(results, indent=1))
     return 0
 
 
