@@ -186,7 +186,7 @@ def tune_memory_allocator(keep_bytes: int = 1 << 30) -> bool:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:
         return False
-    # Order matters: mallopt(M_MMAP_MAX, 0) alone would still hand freed memory back above the trim threshold.
+    # Both settings are needed: with mmap off alone, glibc would still trim freed heap above 128 KB back to the OS.
     return bool(libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, keep_bytes)) and bool(libc.mallopt(_GLIBC_M_MMAP_MAX, 0))
 
 

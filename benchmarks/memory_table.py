@@ -78,11 +78,10 @@ def measure_one(task: str, image_res: int, batches: list[int], grad_checkpointin
     backward passes, as in every later step. Peak RSS only grows, so each larger batch's peak is its own.
     """
     import torch
-    import engine
     import models
     import utils
     from optim import create_optimizer
-    from train_step import _Tokenizer
+    from train_step import _Tokenizer, training_step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     # No utils.tune_memory_allocator() here: it keeps up to 1 GB of freed memory resident, which would blur what
@@ -102,12 +101,7 @@ def measure_one(task: str, image_res: int, batches: list[int], grad_checkpointin
     for batch in sorted(batches):
         args, kwargs = build_inputs(task, batch, image_res, vocab)
         for _ in range(2):
-            optimizer.zero_grad(set_to_none=True)
-            with engine.autocast(torch.device('cpu'), precision):
-                out = model(*args, **kwargs)
-            loss = sum(out.values()) if isinstance(out, dict) else out
-            loss.backward()
-            optimizer.step()
+            training_step(model, optimizer, args, kwargs, torch.device('cpu'), precision)
         peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return dict(task=task, image_res=image_res, batches=sorted(batches), grad_checkpointing=grad_checkpointing,
                 precision=precision, peak_rss_mb=peaks)

@@ -73,9 +73,18 @@ def use_manual_attention(model) -> None:
             module.save_attention = True
 
 
+def training_step(model, optimizer, inputs: tuple, kwargs: dict, device, precision: str) -> None:
+    """Zero grad, forward under `precision` autocast (the model returns a loss or a dict of losses), backward, step."""
+    import engine
+    optimizer.zero_grad(set_to_none=True)
+    with engine.autocast(device, precision):
+        out = model(*inputs, **kwargs)
+    (sum(out.values()) if isinstance(out, dict) else out).backward()
+    optimizer.step()
+
+
 def measure(args) -> dict:
     import torch
-    import engine
     import models
     import utils
     from optim import create_optimizer
@@ -101,11 +110,7 @@ def measure(args) -> dict:
     mask = torch.ones_like(ids)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with engine.autocast(device, args.precision):
-            losses = step_model(images, ids, mask, alpha=0.4)
-        sum(losses.values()).backward()
-        optimizer.step()
+        training_step(step_model, optimizer, (images, ids, mask), {'alpha': 0.4}, device, args.precision)
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
@@ -123,8 +128,8 @@ def measure(args) -> dict:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = dict(size=args.size, batch=b, precision=args.precision, device=args.device,
                   grad_checkpointing=args.grad_checkpointing, attention='manual' if args.manual_attention else 'sdpa',
-                  compile=args.compile, malloc_tuned=malloc_tuned, median_step_s=statistics.median(times), min_step_s=min(times),
-                  max_step_s=max(times), samples_per_s=b / statistics.median(times), peak_rss_mb=peak_rss_mb,
+                  compile=args.compile, malloc_tuned=malloc_tuned, median_step_s=statistics.median(times),
+                  min_step_s=min(times), max_step_s=max(times), samples_per_s=b / statistics.median(times), peak_rss_mb=peak_rss_mb,
                   step_gflop=step_flops / 1e9, achieved_tflop_s=step_flops / statistics.median(times) / 1e12)
     if args.peak_tflops:
         result['mfu'] = result['achieved_tflop_s'] / args.peak_tflops
