@@ -825,7 +825,7 @@ def _ref_expressions(rng: np.random.Generator, o: Obj, objs: Sequence[Obj], k: i
 # Generation
 # ------------------------------------------------------------------------------------------------------------
 # Task codes for the per-task random streams (never renumber: that would change every world).
-_IMG, _CAP, _VQA, _NLVR, _VE, _REF, _DET = range(1, 8)
+_IMG, _CAP, _VQA, _NLVR, _VE, _REF, _DET, _CEILING = range(1, 9)
 POOLS = ('train', 'val', 'test')
 
 DEFAULTS = {
@@ -1092,6 +1092,49 @@ ANNOTATION_FILES = (
 )
 
 
+def _caption_key(text: str) -> str:
+    return text.lower().rstrip('.').strip()
+
+
+def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: int = 0) -> dict:
+    """Best expected R@1 any model can reach on the retrieval `split` of the toy world at `out`.
+
+    Many toy captions are true of more than one image ("three shapes on a plain background"); a caption true of
+    m gallery images is retrieved at rank 1 with probability 1/m at best (the images are indistinguishable from
+    it). Which images a caption is true of is found by sampling each image's caption templates `draws` times
+    (the set of strings the generator can say about it; 2000 and 6000 draws give the same numbers on the
+    default world), so the result is an upper bound. Returns percentages {'img_r1', 'txt_r1'} under the
+    Retrieval.py names' meaning (img_r1: text -> image, txt_r1: image -> text, best own-or-other caption),
+    'shared_captions' (captions true of more than one image), and the counts.
+    """
+    if split not in ('val', 'test'):
+        raise ToyWorldError(f"retrieval ceiling: split must be 'val' or 'test', got {split!r}")
+    with open(os.path.join(out, 'world.json'), encoding='utf-8') as f:
+        images = [w for w in json.load(f) if w['split'] == split]
+    with open(os.path.join(out, f'retrieval_{split}.json'), encoding='utf-8') as f:
+        items = json.load(f)
+    sayable = []
+    for w in images:
+        objs = [Obj(o['shape'], o['colour'], o['size'], tuple(o['box'])) for o in w['objects']]
+        rng = np.random.default_rng([seed, _CEILING, w['image_id']])
+        sayable.append({_caption_key(_caption(rng, objs)) for _ in range(draws)})
+    index = {w['file']: i for i, w in enumerate(images)}
+    true_of_count = []          # per gallery caption: how many images it is true of
+    best_for_image = [0.0] * len(images)
+    for item in items:
+        own = index[item['image']]
+        for text in item['caption']:
+            key = _caption_key(text)
+            holders = {i for i, s in enumerate(sayable) if key in s} | {own}
+            true_of_count.append(len(holders))
+            for i in holders:
+                best_for_image[i] = max(best_for_image[i], 1.0 / len(holders))
+    counts = np.array(true_of_count, dtype=float)
+    return {'split': split, 'images': len(images), 'captions': int(counts.size),
+            'img_r1': float(100.0 * np.mean(1.0 / counts)), 'txt_r1': float(100.0 * np.mean(best_for_image)),
+            'shared_captions': float(100.0 * np.mean(counts > 1))}
+
+
 def _read_manifest(out: str):
     """The manifest of an existing toy world, or None when `out` holds no (readable) toy world."""
     path = os.path.join(out, 'manifest.json')
@@ -1244,6 +1287,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(*names, dest=key, type=int, default=default, help=f'{helps[key]} (default {default})')
     p.add_argument('--force', action='store_true',
                    help='regenerate even if --out holds this world, or replace a toy world made with other arguments')
+    p.add_argument('--ceiling', action='store_true',
+                   help='print the best R@1 any model can reach on the retrieval val/test splits of --out (many '
+                        'captions are true of several images) instead of generating')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for errors')
     return p
 
@@ -1253,7 +1299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
     try:
-        generate(ns.out, force=ns.force, **{k: getattr(ns, k) for k in DEFAULTS})
+        if ns.ceiling:
+            if _read_manifest(ns.out) is None:
+                raise ToyWorldError(f'--out {ns.out}: not a toy world; generate it first')
+            for split in ('val', 'test'):
+                c = retrieval_ceiling(ns.out, split)
+                print(f"{ns.out} retrieval {split}: {c['images']} images, {c['captions']} captions, "
+                      f"{c['shared_captions']:.1f}% true of more than one image; best possible "
+                      f"txt_r1 {c['txt_r1']:.1f}%, img_r1 {c['img_r1']:.1f}%")
+        else:
+            generate(ns.out, force=ns.force, **{k: getattr(ns, k) for k in DEFAULTS})
     except ToyWorldError as e:
         if ns.debug:
             raise

@@ -486,3 +486,48 @@ def test_cli_summary_reuse_and_refusal(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and out in lines[0] and '--seed' in lines[0]
     assert _tree_bytes(out) == before
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _write_retrieval_split(root, images, captions):
+    os.makedirs(root, exist_ok=True)
+    world = [{'image_id': i, 'file': f'toy_{i:06d}.jpg', 'split': 'test', 'size': [96, 96], 'background': [0, 0, 0],
+              'objects': [{'shape': s, 'colour': c, 'size': z, 'box': list(b)} for s, c, z, b in objs]}
+             for i, objs in enumerate(images)]
+    with open(os.path.join(root, 'world.json'), 'w') as f:
+        json.dump(world, f)
+    with open(os.path.join(root, 'retrieval_test.json'), 'w') as f:
+        json.dump([{'image': w['file'], 'caption': caps} for w, caps in zip(world, captions)], f)
+
+
+def test_retrieval_ceiling_counts_captions_true_of_several_images(tmp_path):
+    red = [('circle', 'red', 'big', (10, 10, 30, 30))]
+    blue = [('square', 'blue', 'small', (50, 50, 15, 15))]
+    # images 0 and 1 look the same to every template: each of their captions is true of both
+    _write_retrieval_split(str(tmp_path), [red, red, blue],
+                           [['A big red circle.'], ['just one large red circle'], ['a small blue square']])
+    c = tw.retrieval_ceiling(str(tmp_path), 'test', draws=400)
+    assert (c['images'], c['captions']) == (3, 3)
+    assert c['img_r1'] == pytest.approx(100 * (0.5 + 0.5 + 1) / 3)
+    assert c['txt_r1'] == pytest.approx(100 * (0.5 + 0.5 + 1) / 3)
+    assert c['shared_captions'] == pytest.approx(100 * 2 / 3)
+    # a count caption is true of every two-object image, a relation caption only of its own
+    green = [('triangle', 'green', 'big', (60, 10, 30, 30))]
+    _write_retrieval_split(str(tmp_path), [red + green, blue + green],
+                           [['a picture of two objects'], ['a small blue square to the left of a big green triangle']])
+    c = tw.retrieval_ceiling(str(tmp_path), 'test', draws=400)
+    assert c['img_r1'] == pytest.approx(100 * (0.5 + 1) / 2)
+    assert c['txt_r1'] == pytest.approx(100 * (0.5 + 1) / 2)
+    with pytest.raises(tw.ToyWorldError, match='split'):
+        tw.retrieval_ceiling(str(tmp_path), 'train')
+
+
+def test_cli_ceiling(world, tmp_path, capsys):
+    assert tw.main(['--out', world, '--ceiling']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and 'retrieval val' in lines[0] and 'retrieval test' in lines[1]
+    for line in lines:
+        txt, img = (float(line.split(name)[1].split('%')[0]) for name in ('txt_r1 ', 'img_r1 '))
+        assert 0 < img <= txt <= 100
+    assert tw.main(['--out', str(tmp_path), '--ceiling']) == 2
+    assert 'not a toy world' in capsys.readouterr().err
