@@ -54,3 +54,36 @@ def test_memory_table_summary_arithmetic():
     assert row['per_sample_mb'] == 300. and row['fixed_mb'] == 4400.
     assert row['fits_24gb'] == (24 * 1024 - 4400) // 300 == 67
     assert '| ve | 384 | no | 4.30 | 300 | 67 |' in memory_table.row(row)
+
+
+def test_toy_probe_masks_loading_and_accuracy(tmp_path):
+    import toy_probe
+    import utils
+    from tests.toy import MINI_WORLD_SIZES, generate_world
+    # a 20x20 box at (40, 0) of an 80 px image on a 4x4 grid covers the patch centred at (50, 10) only
+    masks = toy_probe.object_masks([{'box': [40, 0, 20, 20]}, {'box': [0, 0, 3, 3]}], 80, 4)
+    assert masks[0].nonzero().flatten().tolist() == [2] and masks[1].nonzero().flatten().tolist() == [0]
+
+    world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
+    config = utils.load_config(os.path.join(ROOT, 'configs', 'toy', 'Pretrain.yaml'))
+    torch.manual_seed(0)
+    vit, _ = toy_probe.load_vit(None, os.path.join(ROOT, 'configs', 'toy', 'Pretrain.yaml'))
+    ckpt = tmp_path / 'ckpt.pth'
+    torch.save({'model': {f'visual_encoder.{k}': v for k, v in vit.state_dict().items()}, 'config': config}, ckpt)
+    loaded, _ = toy_probe.load_vit(str(ckpt), None)
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), loaded.state_dict().values()))
+
+    result = toy_probe.probe(world, loaded, config['image_res'], config['patch_size'])
+    assert result['test_objects'] >= 8 and result['train_objects'] >= 24
+    # random patch features are a linear function of the pixels: colour is separable far above 1/6 chance
+    assert result['colour'] > 50
+    assert all(0 <= result[a] <= 100 for a in toy_probe.ATTRIBUTES)
+
+    r = subprocess.run([sys.executable, 'benchmarks/toy_probe.py', '--world', world, '--checkpoint', str(ckpt),
+                        '--json'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {k: line[k] for k in toy_probe.ATTRIBUTES} == {k: result[k] for k in toy_probe.ATTRIBUTES}
+    r = subprocess.run([sys.executable, 'benchmarks/toy_probe.py', '--world', world], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and '--checkpoint' in r.stderr

@@ -1,0 +1,157 @@
+"""What does a toy checkpoint's image encoder see? Linear probes for each object's shape, colour and size.
+
+    python benchmarks/toy_probe.py --world data/toyworld --checkpoint output/toy_pretrain/checkpoint_last.pth
+    python benchmarks/toy_probe.py --world data/toyworld --config configs/toy/Pretrain.yaml     # random init
+    python benchmarks/toy_probe.py ... --json                                                 # one JSON line
+
+For every object of the world (world.json), the feature is the mean of the ViT's last-layer patch tokens whose
+patch centre lies inside the object's box (the test transform: the image resized to image_res). A logistic
+regression (L-BFGS, small L2) is fitted per attribute on the train pool's objects and scored on the test pool's.
+Chance: 25 % shape, 16.7 % colour, 50 % size. A random-init encoder already separates colour (a linear function
+of the pixels); shape and size must be learned, so their gain over the random-init row measures what training
+taught the image side. The downstream tasks cannot do better than what the encoder sees.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ATTRIBUTES = ('shape', 'colour', 'size')
+
+
+def object_masks(objects, image_side: int, grid: int):
+    """[n_objects, grid*grid] bool: the patches whose centre lies inside each object's box (at least the one
+    under the box centre, for a box too small to contain a patch centre)."""
+    import torch
+    centres = torch.arange(grid) + 0.5
+    masks = []
+    for o in objects:
+        x, y, w, h = (v * grid / image_side for v in o['box'])
+        mask = (((centres >= y) & (centres <= y + h))[:, None] & ((centres >= x) & (centres <= x + w))[None, :])
+        if not mask.any():
+            mask[min(grid - 1, int(y + h / 2)), min(grid - 1, int(x + w / 2))] = True
+        masks.append(mask.flatten())
+    return torch.stack(masks)
+
+
+def object_features(vit, world_dir: str, images: list, image_res: int, patch_size: int, batch: int = 100):
+    """Mean patch token per object for the given world.json entries: (features [N, D], labels per attribute)."""
+    import torch
+    from PIL import Image
+    from dataset.transforms import build_transform
+    transform = build_transform('test', image_res)
+    grid = image_res // patch_size
+    feats, labels = [], {a: [] for a in ATTRIBUTES}
+    vit.eval()
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        pixels = torch.stack([transform(Image.open(os.path.join(world_dir, 'images', w['file'])).convert('RGB'))
+                              for w in chunk])
+        with torch.no_grad():
+            tokens = vit(pixels)[:, 1:]
+        for w, t in zip(chunk, tokens):
+            masks = object_masks(w['objects'], w['size'][0], grid).float()
+            feats.append(masks @ t / masks.sum(1, keepdim=True))
+            for a in ATTRIBUTES:
+                labels[a].extend(o[a] for o in w['objects'])
+    return torch.cat(feats), labels
+
+
+def linear_probe(train_x, train_y: list, test_x, test_y: list, l2: float = 1e-3) -> float:
+    """Test accuracy (%) of a multinomial logistic regression fitted on standardised train features."""
+    import torch
+    classes = sorted(set(train_y))
+    ytr = torch.tensor([classes.index(v) for v in train_y])
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+    torch.manual_seed(0)
+    head = torch.nn.Linear(xtr.shape[1], len(classes))
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=300, line_search_fn='strong_wolfe')
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(xtr), ytr) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        pred = head(xte).argmax(1).tolist()
+    return 100.0 * sum(classes[p] == t for p, t in zip(pred, test_y)) / len(test_y)
+
+
+def probe(world_dir: str, vit, image_res: int, patch_size: int, max_train_images: int | None = None) -> dict:
+    """Linear-probe accuracies {'shape', 'colour', 'size'} (%) plus object counts for a ViT on a toy world."""
+    with open(os.path.join(world_dir, 'world.json'), encoding='utf-8') as f:
+        world = json.load(f)
+    train = [w for w in world if w['split'] == 'train'][:max_train_images]
+    test = [w for w in world if w['split'] == 'test']
+    xtr, ytr = object_features(vit, world_dir, train, image_res, patch_size)
+    xte, yte = object_features(vit, world_dir, test, image_res, patch_size)
+    out = {a: round(linear_probe(xtr, ytr[a], xte, yte[a]), 1) for a in ATTRIBUTES}
+    out.update(train_objects=len(ytr['shape']), test_objects=len(yte['shape']))
+    return out
+
+
+def load_vit(checkpoint: str | None, config_path: str | None):
+    """The ViT of a checkpoint (its saved config, or --config) or a random-init one from --config."""
+    import utils
+    from models.checkpoint import read_checkpoint, unwrap_state_dict
+    from models.vit import build_vit
+    state, config = None, None
+    if checkpoint:
+        raw = read_checkpoint(checkpoint)
+        state, _ = unwrap_state_dict(raw, checkpoint)
+        config = raw.get('config') if isinstance(raw, dict) else None
+    if config_path:
+        config = utils.load_config(config_path)
+    if config is None:
+        raise utils.UserError(f'--checkpoint {checkpoint}: holds no config; pass --config with its model sizes')
+    vit = build_vit(config)
+    if state is not None:
+        prefix = 'visual_encoder.'
+        vision = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not vision:
+            raise utils.UserError(f'--checkpoint {checkpoint}: no visual_encoder.* weights')
+        vit.load_state_dict(vision)
+    return vit, config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--world', default='data/toyworld', help='toy world folder (default data/toyworld)')
+    p.add_argument('--checkpoint', help='a toy checkpoint (any task); omit for a random-init encoder')
+    p.add_argument('--config', help='config with the model sizes (default: the checkpoint\'s own)')
+    p.add_argument('--max-train-images', type=int, default=None, help='fit the probes on at most this many')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
+    args = p.parse_args(argv)
+    import torch
+    import utils
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    try:
+        if not args.checkpoint and not args.config:
+            raise utils.UserError('give --checkpoint, --config (random init), or both')
+        vit, config = load_vit(args.checkpoint, args.config)
+        result = probe(args.world, vit, config['image_res'], config.get('patch_size', 16), args.max_train_images)
+    except utils.UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    result['checkpoint'] = args.checkpoint or 'random init'
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'encoder':<50}{'shape':>8}{'colour':>8}{'size':>8}   objects train/test")
+        print(f"{result['checkpoint'][-50:]:<50}{result['shape']:>8.1f}{result['colour']:>8.1f}{result['size']:>8.1f}"
+              f"   {result['train_objects']}/{result['test_objects']}")
+        print('chance: shape 25.0, colour 16.7, size 50.0 (%)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
