@@ -87,3 +87,10 @@ def test_toy_probe_masks_loading_and_accuracy(tmp_path):
     r = subprocess.run([sys.executable, 'benchmarks/toy_probe.py', '--world', world], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 2 and '--checkpoint' in r.stderr
+
+    # the supervised reference trains the encoder itself and reports at the asked steps and the last one
+    before = [p.detach().clone() for p in loaded.parameters()]
+    curve = toy_probe.supervised_curve(world, loaded, config['image_res'], config['patch_size'], 'size', steps=3,
+                                       batch=4, report=(1,))
+    assert [s for s, _ in curve] == [1, 3] and all(0 <= a <= 100 for _, a in curve)
+    assert any(not torch.equal(a, b) for a, b in zip(before, loaded.parameters()))
