@@ -143,6 +143,9 @@ class ContrastiveMixin(MomentumMixin):
         text_width = bert_config.hidden_size
 
         self.temp = nn.Parameter(torch.tensor(float(config.get('temp', 0.07))))
+        # learn_temp False keeps the temperature fixed (MoCo's choice from scratch): a learnable one can shrink until
+        # near-identical features score apart, and the queue then separates by age instead of by content.
+        self.temp.requires_grad_(bool(config.get('learn_temp', True)))
         self.queue_size = config.get('queue_size', 65536)
         self.momentum = config.get('momentum', 0.995)
         self.itm_random_negatives = config.get('itm_random_negatives', 0.0)  # see itm_negative_weights

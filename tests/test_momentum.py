@@ -109,3 +109,22 @@ def test_models_update_momentum_before_momentum_features(tiny_config_and_tokeniz
     assert int(model.queue_ptr) == B
     assert model.idx_queue[0, :B].tolist() == list(range(B))
     assert set(out) == {'loss_ita', 'loss_itm'}
+
+
+def test_learn_temp_false_keeps_the_temperature_fixed(tiny_config_and_tokenizer):
+    from models import create_model
+    from optim import create_optimizer
+    config, tok = tiny_config_and_tokenizer
+    B = 4
+    image = torch.randn(B, 3, config['image_res'], config['image_res'])
+    ids = torch.randint(1000, 2000, (B, 6))
+    ids[:, 0] = tok.cls_token_id
+    for learn in (True, False):
+        torch.manual_seed(0)
+        model = create_model('pretrain', dict(config, learn_temp=learn), tok)
+        assert 'temp' in model.state_dict()  # the checkpoint layout does not change
+        opt = create_optimizer({'opt': 'adamW', 'lr': 1e-2, 'weight_decay': 0.02}, model)
+        loss = sum(model(image, ids, torch.ones_like(ids), alpha=0.4).values())
+        loss.backward()
+        opt.step()
+        assert (float(model.temp) != pytest.approx(0.07, abs=1e-6)) is learn
