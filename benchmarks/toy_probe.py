@@ -44,27 +44,37 @@ def object_masks(objects, image_side: int, grid: int):
     return torch.stack(masks)
 
 
-def object_features(vit, world_dir: str, images: list, image_res: int, patch_size: int, batch: int = 100):
-    """Mean patch token per object for the given world.json entries: (features [N, D], labels per attribute)."""
+def load_objects(world_dir: str, images: list, image_res: int, patch_size: int):
+    """Pixels [n, 3, R, R] (test transform), per image its object masks [k, grid*grid] (float) and per image its
+    objects' attribute dicts, for the given world.json entries."""
     import torch
     from PIL import Image
     from dataset.transforms import build_transform
     transform = build_transform('test', image_res)
     grid = image_res // patch_size
-    feats, labels = [], {a: [] for a in ATTRIBUTES}
+    pixels = torch.stack([transform(Image.open(os.path.join(world_dir, 'images', w['file'])).convert('RGB'))
+                          for w in images])
+    masks = [object_masks(w['objects'], w['size'][0], grid).float() for w in images]
+    return pixels, masks, [w['objects'] for w in images]
+
+
+def pool_objects(vit, pixels, masks: list):
+    """Mean last-layer patch token inside each object's box: [total objects, D]."""
+    import torch
+    tokens = vit(pixels)[:, 1:]
+    return torch.cat([m @ t / m.sum(1, keepdim=True) for m, t in zip(masks, tokens)])
+
+
+def object_features(vit, world_dir: str, images: list, image_res: int, patch_size: int, batch: int = 100):
+    """Mean patch token per object for the given world.json entries: (features [N, D], labels per attribute)."""
+    import torch
+    pixels, masks, objects = load_objects(world_dir, images, image_res, patch_size)
     vit.eval()
-    for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        pixels = torch.stack([transform(Image.open(os.path.join(world_dir, 'images', w['file'])).convert('RGB'))
-                              for w in chunk])
-        with torch.no_grad():
-            tokens = vit(pixels)[:, 1:]
-        for w, t in zip(chunk, tokens):
-            masks = object_masks(w['objects'], w['size'][0], grid).float()
-            feats.append(masks @ t / masks.sum(1, keepdim=True))
-            for a in ATTRIBUTES:
-                labels[a].extend(o[a] for o in w['objects'])
-    return torch.cat(feats), labels
+    with torch.no_grad():
+        feats = torch.cat([pool_objects(vit, pixels[i:i + batch], masks[i:i + batch])
+                           for i in range(0, len(images), batch)])
+    labels = {a: [o[a] for objs in objects for o in objs] for a in ATTRIBUTES}
+    return feats, labels
 
 
 def linear_probe(train_x, train_y: list, test_x, test_y: list, l2: float = 1e-3) -> float:
@@ -107,36 +117,24 @@ def supervised_curve(world_dir: str, vit, image_res: int, patch_size: int, attri
     """Train `vit` plus a linear head on `attribute` of each train-pool object (mean patch token in its box) and
     return [(step, test accuracy %)] at the `report` steps (and at the last step)."""
     import torch
-    from PIL import Image
-    from dataset.transforms import build_transform
     with open(os.path.join(world_dir, 'world.json'), encoding='utf-8') as f:
         world = json.load(f)
-    transform = build_transform('test', image_res)
-    grid = image_res // patch_size
-    pools = {}
-    for split in ('train', 'test'):
-        images = [w for w in world if w['split'] == split]
-        pixels = torch.stack([transform(Image.open(os.path.join(world_dir, 'images', w['file'])).convert('RGB'))
-                              for w in images])
-        masks = [object_masks(w['objects'], w['size'][0], grid).float() for w in images]
-        labels = [[o[attribute] for o in w['objects']] for w in images]
-        pools[split] = (pixels, masks, labels)
-    classes = sorted({v for ls in pools['train'][2] for v in ls})
+    pools = {split: load_objects(world_dir, [w for w in world if w['split'] == split], image_res, patch_size)
+             for split in ('train', 'test')}
+    classes = sorted({o[attribute] for objs in pools['train'][2] for o in objs})
     head = torch.nn.Linear(vit.pos_embed.shape[-1], len(classes))
     opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.02)
     gen = torch.Generator().manual_seed(seed)
 
     def logits_and_targets(split, idx):
-        pixels, masks, labels = pools[split]
-        tokens = vit(pixels[idx])[:, 1:]
-        feats = torch.cat([masks[i] @ t / masks[i].sum(1, keepdim=True) for i, t in zip(idx, tokens)])
-        return head(feats), torch.tensor([classes.index(v) for i in idx for v in labels[i]])
+        pixels, masks, objects = pools[split]
+        feats = pool_objects(vit, pixels[idx], [masks[i] for i in idx])
+        return head(feats), torch.tensor([classes.index(o[attribute]) for i in idx for o in objects[i]])
 
     def test_accuracy():
         vit.eval()
         with torch.no_grad():
-            n_test = len(pools['test'][2])
-            logits, targets = logits_and_targets('test', list(range(n_test)))
+            logits, targets = logits_and_targets('test', list(range(len(pools['test'][2]))))
         vit.train()
         return round(100.0 * (logits.argmax(1) == targets).float().mean().item(), 1)
 
