@@ -1113,11 +1113,12 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
         images = [w for w in json.load(f) if w['split'] == split]
     with open(os.path.join(out, f'retrieval_{split}.json'), encoding='utf-8') as f:
         items = json.load(f)
-    sayable = []
-    for w in images:
+    true_of: dict = {}          # caption key -> the images the templates can say it about
+    for i, w in enumerate(images):
         objs = [Obj(o['shape'], o['colour'], o['size'], tuple(o['box'])) for o in w['objects']]
         rng = np.random.default_rng([seed, _CEILING, w['image_id']])
-        sayable.append({_caption_key(_caption(rng, objs)) for _ in range(draws)})
+        for key in {_caption_key(_caption(rng, objs)) for _ in range(draws)}:
+            true_of.setdefault(key, set()).add(i)
     index = {w['file']: i for i, w in enumerate(images)}
     true_of_count = []          # per gallery caption: how many images it is true of
     best_for_image = [0.0] * len(images)
@@ -1125,7 +1126,7 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
         own = index[item['image']]
         for text in item['caption']:
             key = _caption_key(text)
-            holders = {i for i, s in enumerate(sayable) if key in s} | {own}
+            holders = true_of.get(key, set()) | {own}
             true_of_count.append(len(holders))
             for i in holders:
                 best_for_image[i] = max(best_for_image[i], 1.0 / len(holders))
