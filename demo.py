@@ -70,6 +70,11 @@ def main(argv=None) -> int:
     for key in ('txt_r1', 'txt_r5', 'txt_r10', 'img_r1', 'img_r5', 'img_r10', 'r_mean'):
         if key in metrics:
             print(f'| {key} | {metrics[key]:.2f} |')
+    # Many toy captions are true of several images: say how far R@1 could go on this world at all.
+    from dataset.toyworld import retrieval_ceiling
+    best = retrieval_ceiling(args.toy_dir, 'test')
+    print(f"best possible R@1 on this world's test split (any model): txt_r1 {best['txt_r1']:.2f}  "
+          f"img_r1 {best['img_r1']:.2f}")
     print(f'Grad-CAM for "{caption}" on {os.path.basename(image)}: {out}/gradcam.png')
     print(f'total time {time.time() - total:.0f} s')
     return 0
