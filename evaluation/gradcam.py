@@ -149,6 +149,21 @@ def _release(attn_module) -> None:
     attn_module.save_attn_gradients(None)
 
 
+def _map_and_gradient(attn_module, forward, where: str):
+    """Run `forward() -> (score [B], extra)` with autograd on while `attn_module` records its attention, and
+    return (probabilities, d score.sum() / d probabilities, score, extra); recording is released afterwards."""
+    try:
+        with torch.enable_grad():
+            score, extra = forward()
+            probs = attn_module.get_attention_map()
+            if probs is None:
+                raise RuntimeError(f'Grad-CAM: {where} recorded no attention map')
+            grads, = torch.autograd.grad(score.sum(), probs)
+        return probs.detach(), grads, score, extra
+    finally:
+        _release(attn_module)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sentence averaging
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,17 +209,11 @@ def itm_gradcam(model, image: torch.Tensor, input_ids: torch.Tensor, attention_m
         # Leaf that requires grad, so the fusion graph exists even when the model's parameters are frozen.
         image_embeds = image_embeds.detach().requires_grad_(True)
         attn.save_attention = True
-        try:
-            with torch.enable_grad():
-                logits = model.itm_logits(text_embeds, attention_mask, image_embeds)
-                probs = attn.get_attention_map()
-                if probs is None:
-                    raise RuntimeError(f'Grad-CAM: fusion layer {block_num} recorded no attention map')
-                score = logits[:, 1]
-                grads, = torch.autograd.grad(score.sum(), probs)
-            probs = probs.detach()
-        finally:
-            _release(attn)
+
+        def match_logit():
+            logits = model.itm_logits(text_embeds, attention_mask, image_embeds)
+            return logits[:, 1], logits
+        probs, grads, score, logits = _map_and_gradient(attn, match_logit, f'fusion layer {block_num}')
     with torch.no_grad():
         B, H, L, n_img = probs.shape
         if n_img != 1 + gh * gw:
@@ -238,17 +247,11 @@ def itc_gradcam(model, image: torch.Tensor, input_ids: torch.Tensor, attention_m
             _, text_feat = model.encode_text(input_ids, attention_mask)
         # A leaf that requires grad keeps the ViT graph alive even with frozen parameters.
         image = image.detach().requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                _, image_feat = model.encode_image(image, register_blk=block_num)
-                probs = attn.get_attention_map()
-                if probs is None:
-                    raise RuntimeError(f'Grad-CAM: ViT block {block_num} recorded no attention map')
-                score = (image_feat * text_feat.to(image_feat.dtype)).sum(dim=1) / model.temp
-                grads, = torch.autograd.grad(score.sum(), probs)
-            probs = probs.detach()
-        finally:
-            _release(attn)
+
+        def similarity():
+            _, image_feat = model.encode_image(image, register_blk=block_num)
+            return (image_feat * text_feat.to(image_feat.dtype)).sum(dim=1) / model.temp, None
+        probs, grads, score, _ = _map_and_gradient(attn, similarity, f'ViT block {block_num}')
     with torch.no_grad():
         B, H, n_tok, _ = probs.shape
         if n_tok != 1 + gh * gw:
