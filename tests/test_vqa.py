@@ -386,7 +386,6 @@ def test_answer_list_cli(mini_world, tmp_path):
 # Learning on the toy world (slow)
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.goal
 def test_toy_vqa_learns(toy_world, toy_pretrain, tmp_path):
     """Fine-tune from the shared toy pretraining; accuracy must clearly beat answering without the image."""
     cfg = make_toy_config('VQA', toy_world, str(tmp_path / 'VQA.yaml'))
