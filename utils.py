@@ -330,8 +330,8 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     'bert_config': (str, dict), 'image_res': (int,), 'patch_size': (int,), 'vision_width': (int,),
     'vision_depth': (int,), 'vision_num_heads': (int,), 'mlp_ratio': _NUM, 'embed_dim': (int,),
     'vision_init_std': _NUM, 'attention_qk_init_std': _NUM,
-    'temp': _NUM, 'learn_temp': (bool,), 'mlm_probability': _NUM, 'itm_random_negatives': _NUM, 'queue_size': (int,), 'momentum': _NUM,
-    'alpha': _NUM,
+    'temp': _NUM, 'learn_temp': (bool,), 'mlm_probability': _NUM, 'itm_random_negatives': _NUM,
+    'queue_size': (int,), 'momentum': _NUM, 'alpha': _NUM,
     'distill': (bool,), 'vqa_decoder_layers': (int,), 'grad_checkpointing': (bool, list),
     'text_encoder': (str,), 'text_decoder': (str,), 'load_text_weights': (bool,), 'vision_pretrained': (str, type(None)),
     # training / evaluation
