@@ -94,3 +94,54 @@ def test_toy_probe_masks_loading_and_accuracy(tmp_path):
                                        batch=4, report=(1,))
     assert [s for s, _ in curve] == [1, 3] and all(0 <= a <= 100 for _, a in curve)
     assert any(not torch.equal(a, b) for a, b in zip(before, loaded.parameters()))
+
+
+def test_toy_fusion_probe_masks_each_attribute_word_and_reports_shares(tmp_path):
+    import toy_fusion_probe as tfp
+    import models
+    import engine
+    from tests.toy import MINI_WORLD_SIZES, TINY, generate_world
+    world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
+    tokenizer = engine.build_tokenizer({'text_encoder': os.path.join(world, 'vocab')})
+
+    (ids, atts, owner, positions, attributes, truth), word_ids = tfp.masked_copies(
+        tokenizer, ['a big red circle', 'two objects'])
+    # one copy per attribute word of the first caption, none of the second; exactly that word masked
+    assert attributes == ['size', 'colour', 'shape'] and owner.tolist() == [0, 0, 0]
+    assert [tokenizer.convert_ids_to_tokens(int(t)) for t in truth] == ['big', 'red', 'circle']
+    for row, pos in zip(ids, positions.tolist()):
+        assert int(row[pos]) == tokenizer.mask_token_id and int((row == tokenizer.mask_token_id).sum()) == 1
+    assert atts.shape == ids.shape and word_ids['shape'] == tokenizer.convert_tokens_to_ids(list(tfp.ATTRIBUTE_WORDS['shape']))
+    with pytest.raises(ValueError, match='no shape, colour or size word'):
+        tfp.masked_copies(tokenizer, ['two objects'])
+
+    config = {**TINY, 'image_res': 32, 'text_encoder': os.path.join(world, 'vocab')}
+    torch.manual_seed(0)
+    model = models.create_model('pretrain', config, tokenizer)
+    ckpt = tmp_path / 'pretrain.pth'
+    torch.save({'model': model.state_dict(), 'config': config}, ckpt)
+    loaded, tok, cfg = tfp.load_model(str(ckpt), None, world)
+    result = tfp.fusion_probe(loaded, tok, world, cfg['image_res'], cfg['patch_size'])
+
+    with open(os.path.join(world, 'retrieval_test.json')) as f:
+        first_captions = [it['caption'][0] for it in json.load(f)]
+    expected = {a: sum(w in tfp.ATTRIBUTE_WORDS[a] for c in first_captions for w in tokenizer.tokenize(c))
+                for a in tfp.ATTRIBUTE_WORDS}
+    assert result['masked_words'] == expected and sum(expected.values()) > 0
+    assert all(0 <= result[f'{a}_{w}'] <= 100 for a in tfp.ATTRIBUTE_WORDS for w in ('own', 'shuffled'))
+    # the seed-0 mini world has single-object test images; one share per fusion layer (TINY: 2 BERT layers,
+    # fusion from layer 1), each a share of a probability mass
+    assert result['single_object_shape_words'] > 0 and len(result['attention_on_object']) == 1
+    assert 0 < result['object_area_share'] <= 100 and all(0 <= s <= 100 for s in result['attention_on_object'])
+    # recording is switched off again (later forwards take the fused path)
+    assert all(not layer.crossattention.self.save_attention for layer in tfp._fusion_layers(loaded))
+
+    r = subprocess.run([sys.executable, 'benchmarks/toy_fusion_probe.py', '--world', world, '--checkpoint', str(ckpt),
+                        '--json'], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {k: line[k] for k in result} == result
+    torch.save({'model': model.state_dict()}, tmp_path / 'bare.pth')
+    r = subprocess.run([sys.executable, 'benchmarks/toy_fusion_probe.py', '--world', world, '--checkpoint',
+                        str(tmp_path / 'bare.pth')], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and '--config' in r.stderr
