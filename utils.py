@@ -329,7 +329,7 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     # model
     'bert_config': (str, dict), 'image_res': (int,), 'patch_size': (int,), 'vision_width': (int,),
     'vision_depth': (int,), 'vision_num_heads': (int,), 'mlp_ratio': _NUM, 'embed_dim': (int,),
-    'vision_init_std': _NUM, 'attention_qk_init_std': _NUM,
+    'vision_init_std': _NUM, 'attention_qk_init_std': _NUM, 'patch_embed': (str,),
     'temp': _NUM, 'learn_temp': (bool,), 'mlm_probability': _NUM, 'itm_random_negatives': _NUM,
     'queue_size': (int,), 'momentum': _NUM, 'alpha': _NUM,
     'distill': (bool,), 'vqa_decoder_layers': (int,), 'grad_checkpointing': (bool, list),
@@ -350,7 +350,7 @@ POSITIVE_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vis
                      'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size', 'vision_init_std',
                      'attention_qk_init_std', 'ddp_bucket_cap_mb'}
 UNIT_INTERVAL_KEYS = {'mlm_probability', 'momentum', 'alpha', 'itm_random_negatives'}  # shares and rates in [0, 1]
-CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc', 'itc')}
+CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc', 'itc'), 'patch_embed': ('linear', 'conv')}
 
 
 def _type_names(types: tuple) -> str:

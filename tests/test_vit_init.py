@@ -94,3 +94,54 @@ def test_small_query_key_init_starts_attention_near_uniform():
     tokens = 1 + (32 // 8) ** 2
     assert attention_max(None) > 0.5            # most rows put over half their weight on one token
     assert attention_max(0.01) < 1.5 / tokens   # every row close to 1 / tokens
+
+
+# ---- patch_embed: conv (a convolutional stem in place of the linear patch projection) ----
+def test_conv_patch_embed_keeps_the_token_grid_and_sees_across_patch_borders():
+    import pytest
+    torch.manual_seed(0)
+    linear, conv = build_vit(TINY).eval(), build_vit({**TINY, 'patch_embed': 'conv'}).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert conv(images).shape == linear(images).shape == (2, 1 + 16, 64)
+    assert tuple(conv.patch_embed.grid_size) == (4, 4) and conv.patch_embed.num_patches == 16  # Grad-CAM reads these
+    # three stride-2 3x3 convolutions for patch 8; LayerNorm, so a token does not depend on the rest of the batch
+    assert sum(isinstance(m, nn.Conv2d) for m in conv.patch_embed.modules()) == 4
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in conv.modules())
+
+    # a pixel of patch 0 next to its border (column 7) changes patch 1's token only with the conv stem
+    moved = images.clone()
+    moved[:, :, 0, 7] += 5.0
+    with torch.no_grad():
+        for vit, changes in ((linear, False), (conv, True)):
+            before, after = vit.patch_embed(images)[:, 1], vit.patch_embed(moved)[:, 1]
+            assert (not torch.allclose(before, after)) == changes
+    with torch.no_grad():  # and batch composition does not matter
+        assert torch.allclose(conv(images[:1]), conv(images)[:1], atol=1e-5)
+
+    with pytest.raises(ValueError, match='patch_size a power of two'):
+        build_vit({**TINY, 'patch_size': 6, 'image_res': 36, 'patch_embed': 'conv'})
+    with pytest.raises(ValueError, match="patch_embed must be 'linear' or 'conv'"):
+        build_vit({**TINY, 'patch_embed': 'hybrid'})
+
+
+def test_conv_patch_embed_config_key_is_validated_and_round_trips_through_a_checkpoint(tmp_path):
+    import pytest
+    import models
+    import utils
+    from models.checkpoint import load_checkpoint
+    from tests.toy import TINY as TINY_MODEL
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('patch_embed: convolution\n')
+    with pytest.raises(utils.ConfigError, match=r"bad.yaml: key 'patch_embed' must be one of linear, conv"):
+        utils.load_config(str(bad))
+
+    config = {**TINY_MODEL, 'patch_embed': 'conv', 'vision_init_std': 0.05}
+    torch.manual_seed(0)
+    source = models.create_model('ve', config)
+    torch.save({'model': source.state_dict()}, tmp_path / 'conv.pth')
+    torch.manual_seed(1)
+    target = models.create_model('ve', config)
+    load_checkpoint(target, str(tmp_path / 'conv.pth'), 've')
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    assert any(k.startswith('visual_encoder.patch_embed.backbone.') for k in target.state_dict())
