@@ -26,26 +26,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from toy_probe import object_masks  # noqa: E402  (benchmarks/ is not a package)
+from dataset.toyworld import COLOUR_NAMES, SHAPES, SIZE_WORDS  # noqa: E402
+from toy_probe import checkpoint_and_config, object_masks  # noqa: E402  (benchmarks/ is not a package)
 
 ATTRIBUTE_WORDS = {
-    'shape': ('circle', 'square', 'triangle', 'diamond'),
-    'colour': ('red', 'green', 'blue', 'yellow', 'purple', 'orange'),
-    'size': ('small', 'little', 'big', 'large'),
+    'shape': SHAPES,
+    'colour': COLOUR_NAMES,
+    'size': tuple(w for words in SIZE_WORDS.values() for w in words),
 }
-SIZE_CLASS = {'small': 0, 'little': 0, 'big': 1, 'large': 1}
+SIZE_CLASS = {w: size for size, words in SIZE_WORDS.items() for w in words}  # synonyms: one class
 
 
 def load_model(checkpoint: str, config_path: str | None, world_dir: str):
     """The pretraining model of a toy checkpoint (its saved config, or --config) with the world's tokenizer."""
     import engine
     import models
-    import utils
-    from models.checkpoint import load_checkpoint, read_checkpoint
-    raw = read_checkpoint(checkpoint)
-    config = utils.load_config(config_path) if config_path else (raw.get('config') if isinstance(raw, dict) else None)
-    if config is None:
-        raise utils.UserError(f'--checkpoint {checkpoint}: holds no config; pass --config with its model sizes')
+    from models.checkpoint import load_checkpoint
+    _, config = checkpoint_and_config(checkpoint, config_path)
     config = dict(config, text_encoder=os.path.join(world_dir, 'vocab'))
     tokenizer = engine.build_tokenizer(config)
     model = models.create_model('pretrain', config, tokenizer)

@@ -152,11 +152,10 @@ def supervised_curve(world_dir: str, vit, image_res: int, patch_size: int, attri
     return curve
 
 
-def load_vit(checkpoint: str | None, config_path: str | None):
-    """The ViT of a checkpoint (its saved config, or --config) or a random-init one from --config."""
+def checkpoint_and_config(checkpoint: str | None, config_path: str | None):
+    """(state dict or None, config): a toy checkpoint's weights and its saved config, which --config replaces."""
     import utils
     from models.checkpoint import read_checkpoint, unwrap_state_dict
-    from models.vit import build_vit
     state, config = None, None
     if checkpoint:
         raw = read_checkpoint(checkpoint)
@@ -166,6 +165,14 @@ def load_vit(checkpoint: str | None, config_path: str | None):
         config = utils.load_config(config_path)
     if config is None:
         raise utils.UserError(f'--checkpoint {checkpoint}: holds no config; pass --config with its model sizes')
+    return state, config
+
+
+def load_vit(checkpoint: str | None, config_path: str | None):
+    """The ViT of a checkpoint (its saved config, or --config) or a random-init one from --config."""
+    import utils
+    from models.vit import build_vit
+    state, config = checkpoint_and_config(checkpoint, config_path)
     vit = build_vit(config)
     if state is not None:
         prefix = 'visual_encoder.'
