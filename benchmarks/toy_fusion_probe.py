@@ -18,6 +18,7 @@ the area share means the layer looks everywhere alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -96,6 +97,7 @@ def fusion_probe(model, tokenizer, world_dir: str, image_res: int, patch_size: i
     import torch
     from PIL import Image
     from dataset.transforms import build_transform
+    from models.attention_recording import recording
     with open(os.path.join(world_dir, 'retrieval_test.json'), encoding='utf-8') as f:
         items = json.load(f)[:max_images]
     with open(os.path.join(world_dir, 'world.json'), encoding='utf-8') as f:
@@ -119,9 +121,7 @@ def fusion_probe(model, tokenizer, world_dir: str, image_res: int, patch_size: i
         image_embeds = model.visual_encoder(pixels)
         for which, image_of in (('own', torch.arange(len(items))), ('shuffled', shuffled)):
             record = which == 'own'
-            for layer in layers:
-                layer.crossattention.self.save_attention = record
-            try:
+            with recording(*(layer.crossattention.self for layer in layers)) if record else contextlib.nullcontext():
                 for start in range(0, len(ids), batch):
                     sl = slice(start, start + batch)
                     rows = torch.arange(len(ids))[sl]
@@ -140,10 +140,6 @@ def fusion_probe(model, tokenizer, world_dir: str, image_res: int, patch_size: i
                                 probs = layer.crossattention.self.get_attention_map()[r, :, positions[row], 1:]
                                 attention_share[k].append(float((probs.mean(0) * mask).sum()))
                             area_share.append(float(mask.mean()))
-            finally:
-                for layer in layers:
-                    layer.crossattention.self.save_attention = False
-                    layer.crossattention.self.save_attention_map(None)
     result = {f'{a}_{which}': round(100.0 * h / max(n, 1), 1) for (a, which), (h, n) in hits.items()}
     result['masked_words'] = {a: hits[(a, 'own')][1] for a in ATTRIBUTE_WORDS}
     result['single_object_shape_words'] = len(area_share)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.attention_recording import recording
 from utils import ConfigError
 
 MODES = ('itm', 'itc')
@@ -142,26 +143,16 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _release(attn_module) -> None:
-    # Switch recording off and drop the stored tensors (they hold the autograd graph of the whole batch).
-    attn_module.save_attention = False
-    attn_module.save_attention_map(None)
-    attn_module.save_attn_gradients(None)
-
-
 def _map_and_gradient(attn_module, forward, where: str):
     """Run `forward() -> (score [B], extra)` with autograd on while `attn_module` records its attention, and
-    return (probabilities, d score.sum() / d probabilities, score, extra); recording is released afterwards."""
-    try:
-        with torch.enable_grad():
-            score, extra = forward()
-            probs = attn_module.get_attention_map()
-            if probs is None:
-                raise RuntimeError(f'Grad-CAM: {where} recorded no attention map')
-            grads, = torch.autograd.grad(score.sum(), probs)
+    return (probabilities, d score.sum() / d probabilities, score, extra); recording stops afterwards."""
+    with recording(attn_module), torch.enable_grad():
+        score, extra = forward()
+        probs = attn_module.get_attention_map()
+        if probs is None:
+            raise RuntimeError(f'Grad-CAM: {where} recorded no attention map')
+        grads, = torch.autograd.grad(score.sum(), probs)
         return probs.detach(), grads, score, extra
-    finally:
-        _release(attn_module)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,7 +199,6 @@ def itm_gradcam(model, image: torch.Tensor, input_ids: torch.Tensor, attention_m
             text_embeds, _ = model.encode_text(input_ids, attention_mask)
         # Leaf that requires grad, so the fusion graph exists even when the model's parameters are frozen.
         image_embeds = image_embeds.detach().requires_grad_(True)
-        attn.save_attention = True
 
         def match_logit():
             logits = model.itm_logits(text_embeds, attention_mask, image_embeds)

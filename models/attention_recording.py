@@ -1,8 +1,11 @@
 """Attention that can record its probabilities and their gradient (Grad-CAM), shared by the ViT and BERT layers.
 
 Normal forwards use fused SDPA; a layer whose `save_attention` switch is on computes the softmax explicitly with
-`recorded_attention`, keeps the probabilities and registers a hook that stores their gradient.
+`recorded_attention`, keeps the probabilities and registers a hook that stores their gradient. `recording(...)`
+switches it on for a block of code and afterwards drops what was stored.
 """
+import contextlib
+
 import torch
 
 
@@ -10,6 +13,12 @@ class AttentionRecorder:
     """Mixin for attention modules: the `save_attention` switch, the stored map/gradient and their accessors."""
 
     def init_recording(self):
+        self.save_attention = False
+        self.attention_map = None
+        self.attn_gradients = None
+
+    def stop_recording(self):
+        """Switch recording off and drop the stored map and gradient (they hold the autograd graph of a batch)."""
         self.save_attention = False
         self.attention_map = None
         self.attn_gradients = None
@@ -38,3 +47,15 @@ class AttentionRecorder:
         if probs.requires_grad:
             probs.register_hook(self.save_attn_gradients)
         return (dropout(probs) if dropout is not None else probs) @ v
+
+
+@contextlib.contextmanager
+def recording(*modules: AttentionRecorder):
+    """Record the attention of `modules` inside the block; on leaving it (also by an exception) stop recording."""
+    for module in modules:
+        module.save_attention = True
+    try:
+        yield modules
+    finally:
+        for module in modules:
+            module.stop_recording()

@@ -398,6 +398,24 @@ def test_xbert_modes_and_cross_attention_recording(tmp_path):
         enc(ids, attention_mask=atts, mode='bogus')
 
 
+def test_recording_context_stops_and_drops_maps_even_on_error(tmp_path):
+    from models.attention_recording import recording
+    config, tok = small_config(tmp_path)
+    model = create_model('retrieval', config, tok).eval()
+    image, ids, atts = batch(tok)
+    layers = [model.text_encoder.encoder.layer[i].crossattention.self for i in (2, 3)]
+    image_embeds = model.visual_encoder(image)
+    with recording(*layers):
+        model.text_encoder(ids, attention_mask=atts, encoder_hidden_states=image_embeds)
+        assert [tuple(m.get_attention_map().shape) for m in layers] == [(4, 2, 7, 5)] * 2
+    assert all(m.save_attention is False and m.get_attention_map() is None for m in layers)
+    with pytest.raises(RuntimeError, match='boom'):
+        with recording(layers[0]):
+            model.text_encoder(ids, attention_mask=atts, encoder_hidden_states=image_embeds)
+            raise RuntimeError('boom')
+    assert layers[0].save_attention is False and layers[0].get_attention_map() is None
+
+
 def test_gradient_checkpointing_gives_same_loss_and_grads(tmp_path):
     results = []
     for ckpt in (False, True):
