@@ -331,7 +331,8 @@ DDP_BUCKET_CAP_MB = 25  # torch's default; config 'ddp_bucket_cap_mb' (larger bu
 
 
 def build_model(task: str, config: Mapping, tokenizer, args, device: torch.device, resume: bool = False):
-    """Create the task's model, initialise it (checkpoint, or pretrained BERT/ViT weights), move it, wrap in DDP.
+    """Create the task's model, initialise it (checkpoint, or pretrained BERT/ViT weights), freeze the ViT when the
+    config says `freeze_vision`, move it, wrap in DDP.
 
     With `resume` the weights come later from the run's own checkpoint (see `resume_training`).
     Returns (model, model_without_ddp).
@@ -346,6 +347,10 @@ def build_model(task: str, config: Mapping, tokenizer, args, device: torch.devic
     elif not resume:
         apply_pretrained(model, config)
         model.copy_params()
+    if config.get('freeze_vision', False):
+        # A locked image tower (LiT): the optimizer skips parameters without grad, so the ViT keeps its weights and
+        # its forward builds no autograd graph; its momentum copy stays equal to it (up to rounding).
+        model.visual_encoder.requires_grad_(False)
     model.to(device)
     model_without_ddp = model
     if getattr(args, 'distributed', False):

@@ -334,6 +334,7 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     'queue_size': (int,), 'momentum': _NUM, 'alpha': _NUM,
     'distill': (bool,), 'vqa_decoder_layers': (int,), 'grad_checkpointing': (bool, list),
     'text_encoder': (str,), 'text_decoder': (str,), 'load_text_weights': (bool,), 'vision_pretrained': (str, type(None)),
+    'freeze_vision': (bool,),
     # training / evaluation
     'batch_size': (int,), 'batch_size_train': (int,), 'batch_size_test': (int,), 'k_test': (int,),
     'warm_up': (bool,), 'eval_ema': (bool,), 'precision': (str,), 'grad_accum_steps': (int,),

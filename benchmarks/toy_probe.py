@@ -12,9 +12,13 @@ of the pixels); shape and size must be learned, so their gain over the random-in
 taught the image side. The downstream tasks cannot do better than what the encoder sees.
 
 `--supervised-steps N` is the reference for that gain: it trains the same encoder (from the checkpoint, or from
-random init) for N AdamW steps directly on one attribute (`--attribute`, default shape) of every object in a batch
-of 32 train images, and prints the test accuracy at a few step counts: how fast this encoder *can* learn to see
-the attribute when told directly.
+random init) for N AdamW steps directly on one attribute (`--attribute`, default shape; `all`: the three at once)
+of every object in a batch of 32 train images, and prints the test accuracy at a few step counts: how fast this
+encoder *can* learn to see the attribute when told directly. With `--save-vision PATH` the trained weights become a
+`vision_pretrained` file: the toy world's stand-in for the ImageNet-trained DeiT that ALBEF starts from
+
+    python benchmarks/toy_probe.py --config configs/toy/Pretrain.yaml --supervised-steps 1000 --attribute all \
+        --save-vision output/toy_vit.pth
 """
 from __future__ import annotations
 
@@ -112,38 +116,41 @@ def probe(world_dir: str, vit, image_res: int, patch_size: int, max_train_images
     return out
 
 
-def supervised_curve(world_dir: str, vit, image_res: int, patch_size: int, attribute: str = 'shape',
+def supervised_curve(world_dir: str, vit, image_res: int, patch_size: int, attributes=('shape',),
                      steps: int = 400, batch: int = 32, lr: float = 5e-4, report=(100, 200, 400), seed: int = 0):
-    """Train `vit` plus a linear head on `attribute` of each train-pool object (mean patch token in its box) and
-    return [(step, test accuracy %)] at the `report` steps (and at the last step)."""
+    """Train `vit` plus one linear head per attribute in `attributes` (summed cross-entropies) on the train-pool
+    objects (mean patch token in each box) and return [(step, {attribute: test accuracy %})] at the `report` steps
+    (and at the last step)."""
     import torch
     with open(os.path.join(world_dir, 'world.json'), encoding='utf-8') as f:
         world = json.load(f)
     pools = {split: load_objects(world_dir, [w for w in world if w['split'] == split], image_res, patch_size)
              for split in ('train', 'test')}
-    classes = sorted({o[attribute] for objs in pools['train'][2] for o in objs})
-    head = torch.nn.Linear(vit.pos_embed.shape[-1], len(classes))
-    opt = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.02)
+    classes = {a: sorted({o[a] for objs in pools['train'][2] for o in objs}) for a in attributes}
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(vit.pos_embed.shape[-1], len(c)) for a, c in classes.items()})
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.02)
     gen = torch.Generator().manual_seed(seed)
 
     def logits_and_targets(split, idx):
         pixels, masks, objects = pools[split]
         feats = pool_objects(vit, pixels[idx], [masks[i] for i in idx])
-        return head(feats), torch.tensor([classes.index(o[attribute]) for i in idx for o in objects[i]])
+        return {a: (heads[a](feats), torch.tensor([classes[a].index(o[a]) for i in idx for o in objects[i]]))
+                for a in attributes}
 
     def test_accuracy():
         vit.eval()
         with torch.no_grad():
-            logits, targets = logits_and_targets('test', list(range(len(pools['test'][2]))))
+            out = logits_and_targets('test', list(range(len(pools['test'][2]))))
         vit.train()
-        return round(100.0 * (logits.argmax(1) == targets).float().mean().item(), 1)
+        return {a: round(100.0 * (logits.argmax(1) == targets).float().mean().item(), 1)
+                for a, (logits, targets) in out.items()}
 
     curve, n_train = [], len(pools['train'][2])
     vit.train()
     for step in range(1, steps + 1):
         idx = torch.randint(0, n_train, (batch,), generator=gen).tolist()
-        logits, targets = logits_and_targets('train', idx)
-        loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss = sum(torch.nn.functional.cross_entropy(logits, targets)
+                   for logits, targets in logits_and_targets('train', idx).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -191,7 +198,10 @@ def main(argv=None) -> int:
     p.add_argument('--max-train-images', type=int, default=None, help='fit the probes on at most this many')
     p.add_argument('--supervised-steps', type=int, default=0,
                    help='instead: train the encoder this many steps directly on --attribute and print test accuracy')
-    p.add_argument('--attribute', default='shape', choices=ATTRIBUTES)
+    p.add_argument('--attribute', default='shape', choices=ATTRIBUTES + ('all',),
+                   help="what --supervised-steps trains on ('all': one head per attribute, losses summed)")
+    p.add_argument('--save-vision', metavar='PATH',
+                   help='after --supervised-steps, write the trained ViT weights here (a `vision_pretrained` file)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
     args = p.parse_args(argv)
@@ -202,15 +212,21 @@ def main(argv=None) -> int:
     try:
         if not args.checkpoint and not args.config:
             raise utils.UserError('give --checkpoint, --config (random init), or both')
+        if args.save_vision and not args.supervised_steps:
+            raise utils.UserError('--save-vision needs --supervised-steps')
         vit, config = load_vit(args.checkpoint, args.config)
         if args.supervised_steps:
+            attributes = ATTRIBUTES if args.attribute == 'all' else (args.attribute,)
             curve = supervised_curve(args.world, vit, config['image_res'], config.get('patch_size', 16),
-                                     args.attribute, args.supervised_steps)
+                                     attributes, args.supervised_steps)
             if args.json:
-                print(json.dumps({'attribute': args.attribute, 'curve': curve}))
+                print(json.dumps({'attributes': attributes, 'curve': curve}))
             else:
-                print(f'{args.attribute} learned directly, test accuracy (%): '
-                      + ', '.join(f'step {s} {a:.1f}' for s, a in curve))
+                print(f'{"+".join(attributes)} learned directly, test accuracy (%): ' + ', '.join(
+                    f'step {s} ' + ' / '.join(f'{a} {acc[a]:.1f}' for a in attributes) for s, acc in curve))
+            if args.save_vision:
+                utils.atomic_save(vit.state_dict(), args.save_vision)
+                print(f'wrote the ViT weights to {args.save_vision} (config: vision_pretrained: {args.save_vision})')
             return 0
         result = probe(args.world, vit, config['image_res'], config.get('patch_size', 16), args.max_train_images)
     except utils.UserError as e:

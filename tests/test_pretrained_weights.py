@@ -246,3 +246,39 @@ def test_apply_pretrained_toy_settings_loads_nothing():
     with pytest.raises(CheckpointError, match='/nonexistent/vocab'):
         apply_pretrained(model, dict(tiny_config(), text_encoder='/nonexistent/vocab'))
     assert os.environ.get('HF_HUB_OFFLINE') == '1'  # conftest: tests never download
+
+
+def test_freeze_vision_keeps_pretrained_vit_through_training_steps(tmp_path):
+    import engine
+    import utils
+    ref = randomize_(build('pretrain').visual_encoder)
+    torch.save(ref.state_dict(), tmp_path / 'vit.pth')
+    config = dict(tiny_config(), load_text_weights=False, vision_pretrained=str(tmp_path / 'vit.pth'),
+                  freeze_vision=True, optimizer={'opt': 'adamW', 'lr': 1e-2, 'weight_decay': 0.02},
+                  schedular={'sched': 'cosine', 'lr': 1e-2, 'epochs': 1, 'min_lr': 1e-3, 'decay_rate': 1,
+                             'warmup_lr': 1e-2, 'warmup_epochs': 0, 'cooldown_epochs': 0})
+    utils.validate_config(config)
+    class Tokenizer(types.SimpleNamespace):
+        def __len__(self):  # MLM draws random replacement tokens from the vocabulary
+            return VOCAB
+    args = types.SimpleNamespace(checkpoint=None, distributed=False)
+    model, bare = engine.build_model('pretrain', config, Tokenizer(**vars(TOKENIZER)), args, torch.device('cpu'))
+    optimizer, _, _ = engine.build_optimizer_and_scheduler(config, bare)
+    optimized = {id(p) for g in optimizer.param_groups for p in g['params']}
+    assert not any(id(p) in optimized or p.requires_grad for p in bare.visual_encoder.parameters())
+    text_before = bare.text_encoder.bert.embeddings.word_embeddings.weight.detach().clone()
+    ids, mask = _ids()
+    model.train()
+    for _ in range(2):
+        losses = model(torch.randn(3, 3, 32, 32), ids, mask, alpha=0.4)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        bare._momentum_update()
+    for name, p in ref.state_dict().items():
+        assert torch.equal(bare.visual_encoder.state_dict()[name], p), name
+        # m * x + (1 - m) * x is x up to rounding
+        torch.testing.assert_close(bare.visual_encoder_m.state_dict()[name], p, atol=1e-6, rtol=0)
+    assert not torch.equal(bare.text_encoder.bert.embeddings.word_embeddings.weight, text_before)
+    with pytest.raises(utils.ConfigError, match='freeze_vision'):
+        utils.validate_config(dict(config, freeze_vision='yes'))
