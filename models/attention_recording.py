@@ -13,9 +13,7 @@ class AttentionRecorder:
     """Mixin for attention modules: the `save_attention` switch, the stored map/gradient and their accessors."""
 
     def init_recording(self):
-        self.save_attention = False
-        self.attention_map = None
-        self.attn_gradients = None
+        self.stop_recording()
 
     def stop_recording(self):
         """Switch recording off and drop the stored map and gradient (they hold the autograd graph of a batch)."""
