@@ -1,7 +1,7 @@
 """`make demo`: the whole ALBEF pipeline on the embedded toy world, on a laptop CPU.
 
-Generates the toy world (if missing), pretrains a tiny ALBEF, fine-tunes and evaluates retrieval, and writes a
-Grad-CAM picture of what the model looks at for a caption. Each step is the real script, run as a user would;
+Generates the toy world and the supervised ViT it starts from (each only if missing), pretrains a tiny ALBEF,
+fine-tunes and evaluates retrieval, and writes a Grad-CAM picture of what the model looks at for a caption. Each step is the real script, run as a user would;
 the commands are printed so they can be re-run by hand.
 """
 from __future__ import annotations
@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     total = time.time()
 
     run([py, '-m', 'dataset.toyworld', '--out', args.toy_dir, '--seed', str(args.seed)])
+    # The image tower ALBEF starts from (DeiT, trained with ImageNet labels), made the toy world's way.
+    run([py, '-m', 'dataset.toyworld_vit', '--world', args.toy_dir, '--config', 'configs/toy/Pretrain.yaml'])
     run([py, 'Pretrain.py', '--config', 'configs/toy/Pretrain.yaml', '--output_dir', f'{out}/pretrain'])
     pre = last_json_line(f'{out}/pretrain/log.txt', 'train_loss_ita')
     # A short fine-tune (100 steps per epoch) keeps the demo within minutes; drop the flag for the full recipe.

@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dataset.toyworld import COLOUR_NAMES, SHAPES, SIZE_WORDS  # noqa: E402
-from toy_probe import checkpoint_and_config, object_masks  # noqa: E402  (benchmarks/ is not a package)
+from dataset.toyworld_vit import object_masks  # noqa: E402
+from toy_probe import checkpoint_and_config  # noqa: E402  (benchmarks/ is not a package)
 
 ATTRIBUTE_WORDS = {
     'shape': SHAPES,

@@ -14,11 +14,8 @@ taught the image side. The downstream tasks cannot do better than what the encod
 `--supervised-steps N` is the reference for that gain: it trains the same encoder (from the checkpoint, or from
 random init) for N AdamW steps directly on one attribute (`--attribute`, default shape; `all`: the three at once)
 of every object in a batch of 32 train images, and prints the test accuracy at a few step counts: how fast this
-encoder *can* learn to see the attribute when told directly. With `--save-vision PATH` the trained weights become a
-`vision_pretrained` file: the toy world's stand-in for the ImageNet-trained DeiT that ALBEF starts from
-
-    python benchmarks/toy_probe.py --config configs/toy/Pretrain.yaml --supervised-steps 1000 --attribute all \
-        --save-vision output/toy_vit.pth
+encoder *can* learn to see the attribute when told directly. The same training, on all three attributes from random
+init, makes the toy configs' `vision_pretrained` weights (`python -m dataset.toyworld_vit`).
 """
 from __future__ import annotations
 
@@ -30,43 +27,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ATTRIBUTES = ('shape', 'colour', 'size')
-
-
-def object_masks(objects, image_side: int, grid: int):
-    """[n_objects, grid*grid] bool: the patches whose centre lies inside each object's box (at least the one
-    under the box centre, for a box too small to contain a patch centre)."""
-    import torch
-    centres = torch.arange(grid) + 0.5
-    masks = []
-    for o in objects:
-        x, y, w, h = (v * grid / image_side for v in o['box'])
-        mask = (((centres >= y) & (centres <= y + h))[:, None] & ((centres >= x) & (centres <= x + w))[None, :])
-        if not mask.any():
-            mask[min(grid - 1, int(y + h / 2)), min(grid - 1, int(x + w / 2))] = True
-        masks.append(mask.flatten())
-    return torch.stack(masks)
-
-
-def load_objects(world_dir: str, images: list, image_res: int, patch_size: int):
-    """Pixels [n, 3, R, R] (test transform), per image its object masks [k, grid*grid] (float) and per image its
-    objects' attribute dicts, for the given world.json entries."""
-    import torch
-    from PIL import Image
-    from dataset.transforms import build_transform
-    transform = build_transform('test', image_res)
-    grid = image_res // patch_size
-    pixels = torch.stack([transform(Image.open(os.path.join(world_dir, 'images', w['file'])).convert('RGB'))
-                          for w in images])
-    masks = [object_masks(w['objects'], w['size'][0], grid).float() for w in images]
-    return pixels, masks, [w['objects'] for w in images]
-
-
-def pool_objects(vit, pixels, masks: list):
-    """Mean last-layer patch token inside each object's box: [total objects, D]."""
-    import torch
-    tokens = vit(pixels)[:, 1:]
-    return torch.cat([m @ t / m.sum(1, keepdim=True) for m, t in zip(masks, tokens)])
+from dataset.toyworld_vit import ATTRIBUTES, load_objects, pool_objects, read_world, train_on_attributes  # noqa: E402
 
 
 def object_features(vit, world_dir: str, images: list, image_res: int, patch_size: int, batch: int = 100):
@@ -75,7 +36,7 @@ def object_features(vit, world_dir: str, images: list, image_res: int, patch_siz
     pixels, masks, objects = load_objects(world_dir, images, image_res, patch_size)
     vit.eval()
     with torch.no_grad():
-        feats = torch.cat([pool_objects(vit, pixels[i:i + batch], masks[i:i + batch])
+        feats = torch.cat([pool_objects(vit(pixels[i:i + batch])[:, 1:], masks[i:i + batch])
                            for i in range(0, len(images), batch)])
     labels = {a: [o[a] for objs in objects for o in objs] for a in ATTRIBUTES}
     return feats, labels
@@ -105,8 +66,7 @@ def linear_probe(train_x, train_y: list, test_x, test_y: list, l2: float = 1e-3)
 
 def probe(world_dir: str, vit, image_res: int, patch_size: int, max_train_images: int | None = None) -> dict:
     """Linear-probe accuracies {'shape', 'colour', 'size'} (%) plus object counts for a ViT on a toy world."""
-    with open(os.path.join(world_dir, 'world.json'), encoding='utf-8') as f:
-        world = json.load(f)
+    world = read_world(world_dir)
     train = [w for w in world if w['split'] == 'train'][:max_train_images]
     test = [w for w in world if w['split'] == 'test']
     xtr, ytr = object_features(vit, world_dir, train, image_res, patch_size)
@@ -114,49 +74,6 @@ def probe(world_dir: str, vit, image_res: int, patch_size: int, max_train_images
     out = {a: round(linear_probe(xtr, ytr[a], xte, yte[a]), 1) for a in ATTRIBUTES}
     out.update(train_objects=len(ytr['shape']), test_objects=len(yte['shape']))
     return out
-
-
-def supervised_curve(world_dir: str, vit, image_res: int, patch_size: int, attributes=('shape',),
-                     steps: int = 400, batch: int = 32, lr: float = 5e-4, report=(100, 200, 400), seed: int = 0):
-    """Train `vit` plus one linear head per attribute in `attributes` (summed cross-entropies) on the train-pool
-    objects (mean patch token in each box) and return [(step, {attribute: test accuracy %})] at the `report` steps
-    (and at the last step)."""
-    import torch
-    with open(os.path.join(world_dir, 'world.json'), encoding='utf-8') as f:
-        world = json.load(f)
-    pools = {split: load_objects(world_dir, [w for w in world if w['split'] == split], image_res, patch_size)
-             for split in ('train', 'test')}
-    classes = {a: sorted({o[a] for objs in pools['train'][2] for o in objs}) for a in attributes}
-    heads = torch.nn.ModuleDict({a: torch.nn.Linear(vit.pos_embed.shape[-1], len(c)) for a, c in classes.items()})
-    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.02)
-    gen = torch.Generator().manual_seed(seed)
-
-    def logits_and_targets(split, idx):
-        pixels, masks, objects = pools[split]
-        feats = pool_objects(vit, pixels[idx], [masks[i] for i in idx])
-        return {a: (heads[a](feats), torch.tensor([classes[a].index(o[a]) for i in idx for o in objects[i]]))
-                for a in attributes}
-
-    def test_accuracy():
-        vit.eval()
-        with torch.no_grad():
-            out = logits_and_targets('test', list(range(len(pools['test'][2]))))
-        vit.train()
-        return {a: round(100.0 * (logits.argmax(1) == targets).float().mean().item(), 1)
-                for a, (logits, targets) in out.items()}
-
-    curve, n_train = [], len(pools['train'][2])
-    vit.train()
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, n_train, (batch,), generator=gen).tolist()
-        loss = sum(torch.nn.functional.cross_entropy(logits, targets)
-                   for logits, targets in logits_and_targets('train', idx).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step in report or step == steps:
-            curve.append((step, test_accuracy()))
-    return curve
 
 
 def checkpoint_and_config(checkpoint: str | None, config_path: str | None):
@@ -200,8 +117,6 @@ def main(argv=None) -> int:
                    help='instead: train the encoder this many steps directly on --attribute and print test accuracy')
     p.add_argument('--attribute', default='shape', choices=ATTRIBUTES + ('all',),
                    help="what --supervised-steps trains on ('all': one head per attribute, losses summed)")
-    p.add_argument('--save-vision', metavar='PATH',
-                   help='after --supervised-steps, write the trained ViT weights here (a `vision_pretrained` file)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
     args = p.parse_args(argv)
@@ -212,21 +127,16 @@ def main(argv=None) -> int:
     try:
         if not args.checkpoint and not args.config:
             raise utils.UserError('give --checkpoint, --config (random init), or both')
-        if args.save_vision and not args.supervised_steps:
-            raise utils.UserError('--save-vision needs --supervised-steps')
         vit, config = load_vit(args.checkpoint, args.config)
         if args.supervised_steps:
             attributes = ATTRIBUTES if args.attribute == 'all' else (args.attribute,)
-            curve = supervised_curve(args.world, vit, config['image_res'], config.get('patch_size', 16),
-                                     attributes, args.supervised_steps)
+            curve = train_on_attributes(args.world, vit, config['image_res'], config.get('patch_size', 16),
+                                        attributes, args.supervised_steps)
             if args.json:
                 print(json.dumps({'attributes': attributes, 'curve': curve}))
             else:
                 print(f'{"+".join(attributes)} learned directly, test accuracy (%): ' + ', '.join(
                     f'step {s} ' + ' / '.join(f'{a} {acc[a]:.1f}' for a in attributes) for s, acc in curve))
-            if args.save_vision:
-                utils.atomic_save(vit.state_dict(), args.save_vision)
-                print(f'wrote the ViT weights to {args.save_vision} (config: vision_pretrained: {args.save_vision})')
             return 0
         result = probe(args.world, vit, config['image_res'], config.get('patch_size', 16), args.max_train_images)
     except utils.UserError as e:

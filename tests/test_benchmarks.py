@@ -56,14 +56,10 @@ def test_memory_table_summary_arithmetic():
     assert '| ve | 384 | no | 4.30 | 300 | 67 |' in memory_table.row(row)
 
 
-def test_toy_probe_masks_loading_and_accuracy(tmp_path):
+def test_toy_probe_loading_accuracy_and_supervised_reference(tmp_path):
     import toy_probe
     import utils
     from tests.toy import MINI_WORLD_SIZES, generate_world
-    # a 20x20 box at (40, 0) of an 80 px image on a 4x4 grid covers the patch centred at (50, 10) only
-    masks = toy_probe.object_masks([{'box': [40, 0, 20, 20]}, {'box': [0, 0, 3, 3]}], 80, 4)
-    assert masks[0].nonzero().flatten().tolist() == [2] and masks[1].nonzero().flatten().tolist() == [0]
-
     world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
     config = utils.load_config(os.path.join(ROOT, 'configs', 'toy', 'Pretrain.yaml'))
     torch.manual_seed(0)
@@ -88,32 +84,14 @@ def test_toy_probe_masks_loading_and_accuracy(tmp_path):
                        text=True)
     assert r.returncode == 2 and '--checkpoint' in r.stderr
 
-    # the supervised reference trains the encoder itself and reports at the asked steps and the last one
-    before = [p.detach().clone() for p in loaded.parameters()]
-    curve = toy_probe.supervised_curve(world, loaded, config['image_res'], config['patch_size'], ('size',),
-                                       steps=3, batch=4, report=(1,))
-    assert [s for s, _ in curve] == [1, 3] and all(set(acc) == {'size'} and 0 <= acc['size'] <= 100
-                                                   for _, acc in curve)
-    assert any(not torch.equal(a, b) for a, b in zip(before, loaded.parameters()))
-
-    # --save-vision writes a `vision_pretrained` file: the ViT trained on all three attributes, loadable as is
-    out = tmp_path / 'toy_vit.pth'
+    # the supervised reference trains the encoder and reports at the asked steps and the last one
     r = subprocess.run([sys.executable, 'benchmarks/toy_probe.py', '--world', world, '--checkpoint', str(ckpt),
-                        '--supervised-steps', '2', '--attribute', 'all', '--save-vision', str(out), '--json'],
-                       cwd=ROOT, capture_output=True, text=True)
+                        '--supervised-steps', '2', '--attribute', 'all', '--json'], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
-    line = json.loads(r.stdout.strip().splitlines()[0])
-    assert line['attributes'] == list(toy_probe.ATTRIBUTES) and line['curve'][-1][0] == 2
-    assert set(line['curve'][-1][1]) == set(toy_probe.ATTRIBUTES)
-    from models.pretrained import load_vision_weights
-    fresh, _ = toy_probe.load_vit(None, os.path.join(ROOT, 'configs', 'toy', 'Pretrain.yaml'))
-    load_vision_weights(fresh, str(out))
-    saved = torch.load(out, weights_only=True)
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
-    assert any(not torch.equal(saved[k], v) for k, v in vit.state_dict().items())  # it trained
-    r = subprocess.run([sys.executable, 'benchmarks/toy_probe.py', '--world', world, '--checkpoint', str(ckpt),
-                        '--save-vision', str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and '--supervised-steps' in r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line['attributes'] == list(toy_probe.ATTRIBUTES) and [s for s, _ in line['curve']] == [2]
+    assert set(line['curve'][0][1]) == set(toy_probe.ATTRIBUTES)
 
 
 def test_toy_fusion_probe_masks_each_attribute_word_and_reports_shares(tmp_path):

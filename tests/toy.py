@@ -41,7 +41,7 @@ TINY_BERT = {'architectures': ['BertForMaskedLM'], 'attention_probs_dropout_prob
              'num_attention_heads': 2, 'num_hidden_layers': 2, 'pad_token_id': 0, 'type_vocab_size': 2,
              'vocab_size': 200, 'fusion_layer': 1, 'encoder_width': 32}
 TINY = dict(bert_config=TINY_BERT, image_res=16, patch_size=8, vision_width=32, vision_depth=1, vision_num_heads=2,
-            embed_dim=16, num_workers=0, print_freq=100)
+            embed_dim=16, num_workers=0, print_freq=100, vision_pretrained=None)
 TINY_SCHED = {'sched': 'cosine', 'lr': 1e-4, 'epochs': 1, 'min_lr': 1e-5, 'decay_rate': 1, 'warmup_lr': 1e-4,
               'warmup_epochs': 1, 'cooldown_epochs': 0}
 
@@ -82,7 +82,8 @@ def _content_key(world_dir: str) -> str:
 
 
 def pretrain_cached(world_dir: str, cache_root: str) -> str:
-    """Run the toy pretraining once per content key (file-locked), returning its output folder."""
+    """Run the toy pretraining (after the world's supervised ViT it starts from, as `make demo` does) once per
+    content key (file-locked), returning its output folder."""
     import fcntl
     import shutil
     import Pretrain
@@ -94,6 +95,8 @@ def pretrain_cached(world_dir: str, cache_root: str) -> str:
         if not os.path.isfile(os.path.join(out, 'DONE')):
             shutil.rmtree(out, ignore_errors=True)
             cfg = make_toy_config('Pretrain', world_dir, out + '.yaml')
+            from dataset.toyworld_vit import ensure_supervised_vit
+            ensure_supervised_vit(world_dir, utils.load_config(cfg))
             Pretrain.main(['--config', cfg, '--output_dir', out, '--device', 'cpu', '--no-distributed'])
             open(os.path.join(out, 'DONE'), 'w').close()
     return out
