@@ -25,6 +25,8 @@ from typing import Sequence
 
 ATTRIBUTES = ('shape', 'colour', 'size')
 WEIGHTS_NAME = 'vit_supervised.pth'
+# Raise when the training itself changes (heads, losses, optimizer): weights made by an older recipe are retrained.
+RECIPE_VERSION = 2
 # The ViT sizes the weights depend on; a config that differs in any of them needs its own training.
 VIT_KEYS = ('image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'mlp_ratio',
             'vision_init_std', 'patch_embed')
@@ -145,10 +147,11 @@ def train_on_attributes(world_dir: str, vit, image_res: int, patch_size: int, at
 
 
 def provenance(world_dir: str, config: dict, steps: int) -> dict:
-    """What the weights depend on: the world's generation arguments, the ViT sizes and the step count."""
+    """What the weights depend on: the world's generation arguments, the training recipe, the ViT sizes and the
+    step count."""
     with open(os.path.join(world_dir, 'manifest.json'), encoding='utf-8') as f:
         manifest = json.load(f)
-    return {'world': manifest['args'], 'format_version': manifest['format_version'],
+    return {'world': manifest['args'], 'format_version': manifest['format_version'], 'recipe': RECIPE_VERSION,
             'vit': {k: config.get(k) for k in VIT_KEYS}, 'steps': steps}
 
 

@@ -61,6 +61,13 @@ def test_supervised_vit_file_loads_as_vision_pretrained_and_is_reused_until_its_
     assert 'up to date' in capsys.readouterr().out and os.stat(path).st_mtime_ns == mtime
     ensure_supervised_vit(world, TINY, steps=3, log_every=0)  # other steps: retrained
     assert 'wrote' in capsys.readouterr().out
+    with open(os.path.join(world, 'vit_supervised.json')) as f:
+        record = json.load(f)
+    record['made_from']['recipe'] -= 1  # made by an older training recipe: retrained
+    with open(os.path.join(world, 'vit_supervised.json'), 'w') as f:
+        json.dump(record, f)
+    ensure_supervised_vit(world, TINY, steps=3, log_every=0)
+    assert 'wrote' in capsys.readouterr().out
     os.remove(os.path.join(world, 'vit_supervised.json'))  # weights without their record (an interrupted run)
     ensure_supervised_vit(world, TINY, steps=3, log_every=0)
     assert 'wrote' in capsys.readouterr().out
