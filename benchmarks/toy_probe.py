@@ -13,9 +13,10 @@ taught the image side. The downstream tasks cannot do better than what the encod
 
 `--supervised-steps N` is the reference for that gain: it trains the same encoder (from the checkpoint, or from
 random init) for N AdamW steps directly on one attribute (`--attribute`, default shape; `all`: the three at once)
-of every object in a batch of 32 train images, and prints the test accuracy at a few step counts: how fast this
-encoder *can* learn to see the attribute when told directly. The same training, on all three attributes from random
-init, makes the toy configs' `vision_pretrained` weights (`python -m dataset.toyworld_vit`).
+of every object in a batch of 32 train images (and, from [CLS], which of its values each image holds), and prints
+the objects' test accuracy at a few step counts: how fast this encoder *can* learn to see the attribute when told
+directly. The same training, on all three attributes from random init, makes the toy configs' `vision_pretrained`
+weights (`python -m dataset.toyworld_vit`).
 """
 from __future__ import annotations
 
