@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dataset.toyworld import COLOUR_NAMES, SHAPES, SIZE_WORDS  # noqa: E402
+from dataset.toyworld import COLOUR_NAMES, SHAPES, SIZE_WORDS, read_world  # noqa: E402
 from dataset.toyworld_vit import object_masks  # noqa: E402
 from toy_probe import checkpoint_and_config  # noqa: E402  (benchmarks/ is not a package)
 
@@ -101,8 +101,7 @@ def fusion_probe(model, tokenizer, world_dir: str, image_res: int, patch_size: i
     from models.attention_recording import recording
     with open(os.path.join(world_dir, 'retrieval_test.json'), encoding='utf-8') as f:
         items = json.load(f)[:max_images]
-    with open(os.path.join(world_dir, 'world.json'), encoding='utf-8') as f:
-        world = {w['file']: w for w in json.load(f)}
+    world = {w['file']: w for w in read_world(world_dir)}
     transform = build_transform('test', image_res)
     pixels = torch.stack([transform(Image.open(os.path.join(world_dir, 'images', it['image'])).convert('RGB'))
                           for it in items])

@@ -28,7 +28,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset.toyworld_vit import ATTRIBUTES, load_objects, pool_objects, read_world, train_on_attributes  # noqa: E402
+from dataset.toyworld import read_world  # noqa: E402
+from dataset.toyworld_vit import ATTRIBUTES, load_objects, pool_objects, train_on_attributes  # noqa: E402
 
 
 def object_features(vit, world_dir: str, images: list, image_res: int, patch_size: int, batch: int = 100):

@@ -1109,8 +1109,7 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
     """
     if split not in ('val', 'test'):
         raise ToyWorldError(f"retrieval ceiling: split must be 'val' or 'test', got {split!r}")
-    with open(os.path.join(out, 'world.json'), encoding='utf-8') as f:
-        images = [w for w in json.load(f) if w['split'] == split]
+    images = [w for w in read_world(out) if w['split'] == split]
     with open(os.path.join(out, f'retrieval_{split}.json'), encoding='utf-8') as f:
         items = json.load(f)
     true_of: dict = {}          # caption key -> the images the templates can say it about
@@ -1136,7 +1135,17 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
             'shared_captions': float(100.0 * np.mean(counts > 1))}
 
 
-def _read_manifest(out: str):
+def read_world(world_dir: str) -> list:
+    """The world.json entries of a toy world: per image its file, split, size and objects (shape, colour, size,
+    box)."""
+    path = os.path.join(world_dir, 'world.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: not found; is {world_dir} a toy world (python -m dataset.toyworld)?')
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def read_manifest(out: str):
     """The manifest of an existing toy world, or None when `out` holds no (readable) toy world."""
     path = os.path.join(out, 'manifest.json')
     try:
@@ -1210,7 +1219,7 @@ def generate(out: str, force: bool = False, verbose: bool = True, **kwargs) -> d
     if os.path.lexists(out_norm) and not os.path.isdir(out_norm):
         raise ToyWorldError(f'--out {out}: exists and is not a directory; refusing to touch it')
     if os.path.isdir(out_norm) and os.listdir(out_norm):
-        manifest = _read_manifest(out_norm)
+        manifest = read_manifest(out_norm)
         if manifest is None:
             first = sorted(os.listdir(out_norm))[0]
             raise ToyWorldError(f"--out {out}: not empty and not a toy world (holds '{first}'); refusing to "
@@ -1301,7 +1310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.ceiling:
-            if _read_manifest(ns.out) is None:
+            if read_manifest(ns.out) is None:
                 raise ToyWorldError(f'--out {ns.out}: not a toy world; generate it first')
             for split in ('val', 'test'):
                 c = retrieval_ceiling(ns.out, split)

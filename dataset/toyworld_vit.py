@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Sequence
 
+from dataset.toyworld import read_manifest, read_world
+
 ATTRIBUTES = ('shape', 'colour', 'size')
 WEIGHTS_NAME = 'vit_supervised.pth'
 # Raise when the training itself changes (heads, losses, optimizer): weights made by an older recipe are retrained.
@@ -66,15 +68,6 @@ def pool_objects(patch_tokens, masks: list):
     per-image masks [k, grid*grid]."""
     import torch
     return torch.cat([m @ t / m.sum(1, keepdim=True) for m, t in zip(masks, patch_tokens)])
-
-
-def read_world(world_dir: str) -> list:
-    """The world.json entries of a toy world (every image with its objects and split)."""
-    path = os.path.join(world_dir, 'world.json')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: not found; is {world_dir} a toy world (python -m dataset.toyworld)?')
-    with open(path, encoding='utf-8') as f:
-        return json.load(f)
 
 
 def train_on_attributes(world_dir: str, vit, image_res: int, patch_size: int, attributes=ATTRIBUTES,
@@ -149,8 +142,9 @@ def train_on_attributes(world_dir: str, vit, image_res: int, patch_size: int, at
 def provenance(world_dir: str, config: dict, steps: int) -> dict:
     """What the weights depend on: the world's generation arguments, the training recipe, the ViT sizes and the
     step count."""
-    with open(os.path.join(world_dir, 'manifest.json'), encoding='utf-8') as f:
-        manifest = json.load(f)
+    manifest = read_manifest(world_dir)
+    if manifest is None:
+        raise FileNotFoundError(f'{world_dir}: no toy world manifest.json (python -m dataset.toyworld)')
     return {'world': manifest['args'], 'format_version': manifest['format_version'], 'recipe': RECIPE_VERSION,
             'vit': {k: config.get(k) for k in VIT_KEYS}, 'steps': steps}
 
