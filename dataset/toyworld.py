@@ -1135,6 +1135,46 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
             'shared_captions': float(100.0 * np.mean(counts > 1))}
 
 
+_SIDE_WORDS = ('left', 'right', 'leftmost', 'rightmost')
+
+
+def grounding_match_bound(out: str) -> dict:
+    """Grounding accuracy (%) per split when the named object is found exactly whenever the expression singles it
+    out by its attributes, and among look-alikes at chance when it singles it out by position.
+
+    Weakly supervised grounding learns from whether an expression matches an image. "The leftmost triangle" matches
+    every image with two or more triangles, whichever one is meant, so that signal never says which one; a map
+    drawn from a match score has no reason to prefer it over its look-alikes. This is the accuracy such a map gets
+    with perfect boxes and perfect attribute grounding; a model can exceed it only by learning what left and right
+    mean from elsewhere (the pretraining captions). Returns {split: {'expressions', 'positional' (% of them),
+    'bound'}} for val, testA and testB.
+    """
+    with open(os.path.join(out, 'refcoco+', 'refs(unc).p'), 'rb') as f:
+        refs = pickle.load(f)
+    objects = {w['image_id']: w['objects'] for w in read_world(out)}
+    sizes = {syn: size for size, syns in SIZE_WORDS.items() for syn in syns}
+    totals: dict = {}
+    for ref in refs:
+        if ref['split'] not in ('val', 'testA', 'testB'):
+            continue
+        t = totals.setdefault(ref['split'], {'expressions': 0, 'positional': 0, 'bound': 0.0})
+        for sent in ref['sentences']:
+            words = sent['sent'].lower().split()
+            t['expressions'] += 1
+            if not set(words) & set(_SIDE_WORDS):
+                t['bound'] += 1.0
+                continue
+            look_alikes = [o for o in objects[ref['image_id']]
+                           if all(o['colour'] == w for w in words if w in COLOUR_NAMES)
+                           and all(o['shape'] == w for w in words if w in SHAPES)
+                           and all(o['size'] == sizes[w] for w in words if w in sizes)]
+            t['positional'] += 1
+            t['bound'] += 1.0 / max(1, len(look_alikes))
+    return {split: {'expressions': t['expressions'], 'positional': 100.0 * t['positional'] / t['expressions'],
+                    'bound': 100.0 * t['bound'] / t['expressions']}
+            for split, t in sorted(totals.items(), key=lambda kv: ('val', 'testA', 'testB').index(kv[0]))}
+
+
 def read_world(world_dir: str) -> list:
     """The world.json entries of a toy world: per image its file, split, size and objects (shape, colour, size,
     box)."""
@@ -1299,7 +1339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='regenerate even if --out holds this world, or replace a toy world made with other arguments')
     p.add_argument('--ceiling', action='store_true',
                    help='print the best R@1 any model can reach on the retrieval val/test splits of --out (many '
-                        'captions are true of several images) instead of generating')
+                        'captions are true of several images) and what a match-score map can reach on grounding, '
+                        'instead of generating')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for errors')
     return p
 
@@ -1317,6 +1358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{ns.out} retrieval {split}: {c['images']} images, {c['captions']} captions, "
                       f"{c['shared_captions']:.1f}% true of more than one image; best possible "
                       f"txt_r1 {c['txt_r1']:.1f}%, img_r1 {c['img_r1']:.1f}%")
+            for split, g in grounding_match_bound(ns.out).items():
+                print(f"{ns.out} grounding {split}: {g['expressions']} expressions, {g['positional']:.1f}% name "
+                      f"the object by position among look-alikes; exact on the others and guessing among the "
+                      f"look-alikes gives {g['bound']:.1f}%")
         else:
             generate(ns.out, force=ns.force, **{k: getattr(ns, k) for k in DEFAULTS})
     except ToyWorldError as e:

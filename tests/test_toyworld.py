@@ -522,12 +522,40 @@ def test_retrieval_ceiling_counts_captions_true_of_several_images(tmp_path):
         tw.retrieval_ceiling(str(tmp_path), 'train')
 
 
+def test_grounding_match_bound_counts_positional_expressions_at_chance_among_look_alikes(tmp_path):
+    objs = [{'shape': 'square', 'colour': 'red', 'size': 'big', 'box': [0, 0, 10, 10]},
+            {'shape': 'square', 'colour': 'blue', 'size': 'small', 'box': [40, 0, 10, 10]},
+            {'shape': 'square', 'colour': 'red', 'size': 'small', 'box': [70, 0, 10, 10]},
+            {'shape': 'circle', 'colour': 'red', 'size': 'big', 'box': [0, 40, 10, 10]}]
+    with open(tmp_path / 'world.json', 'w') as f:
+        json.dump([{'image_id': 7, 'file': '7.png', 'split': 'test', 'size': [96, 96], 'objects': objs}], f)
+    os.makedirs(tmp_path / 'refcoco+')
+
+    def ref(split, *sents):
+        return {'image_id': 7, 'split': split, 'sentences': [{'sent': s} for s in sents]}
+    refs = [ref('testA', 'the red circle', 'the leftmost square'),       # 1 + 1/3
+            ref('testB', 'the small square on the right', 'the big square'),  # 1/2 + 1
+            ref('val', 'the leftmost red object'),                         # 1/3
+            ref('train', 'the rightmost square')]                          # not evaluated
+    with open(tmp_path / 'refcoco+' / 'refs(unc).p', 'wb') as f:
+        pickle.dump(refs, f)
+    bound = tw.grounding_match_bound(str(tmp_path))
+    assert list(bound) == ['val', 'testA', 'testB']
+    assert bound['testA']['expressions'] == 2 and bound['testA']['positional'] == 50.0
+    assert abs(bound['testA']['bound'] - 100 * (1 + 1 / 3) / 2) < 1e-9
+    assert abs(bound['testB']['bound'] - 75.0) < 1e-9 and abs(bound['val']['bound'] - 100 / 3) < 1e-9
+
+
 def test_cli_ceiling(world, tmp_path, capsys):
     assert tw.main(['--out', world, '--ceiling']) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and 'retrieval val' in lines[0] and 'retrieval test' in lines[1]
-    for line in lines:
+    assert len(lines) == 5 and 'retrieval val' in lines[0] and 'retrieval test' in lines[1]
+    for line in lines[:2]:
         txt, img = (float(line.split(name)[1].split('%')[0]) for name in ('txt_r1 ', 'img_r1 '))
         assert 0 < img <= txt <= 100
+    assert [line.split()[2] for line in lines[2:]] == ['val:', 'testA:', 'testB:']
+    for line in lines[2:]:  # attribute-named expressions count fully, so the bound lies above the positional share
+        positional, bound = float(line.split('expressions, ')[1].split('%')[0]), float(line.split('gives ')[1][:-1])
+        assert 0 <= positional <= 100 and 100 - positional <= bound <= 100
     assert tw.main(['--out', str(tmp_path), '--ceiling']) == 2
     assert 'not a toy world' in capsys.readouterr().err
