@@ -1,4 +1,4 @@
-"""What does a toy checkpoint's image encoder see? Linear probes for each object's shape, colour and size.
+"""What does a toy checkpoint's image encoder see? Linear probes for each object's shape, colour, size and place.
 
     python benchmarks/toy_probe.py --world data/toyworld --checkpoint output/toy_pretrain/checkpoint_last.pth
     python benchmarks/toy_probe.py --world data/toyworld --config configs/toy/Pretrain.yaml     # random init
@@ -6,8 +6,9 @@
 
 For every object of the world (world.json), the feature is the mean of the ViT's last-layer patch tokens whose
 patch centre lies inside the object's box (the test transform: the image resized to image_res). A logistic
-regression (L-BFGS, small L2) is fitted per attribute on the train pool's objects and scored on the test pool's.
-Chance: 25 % shape, 16.7 % colour, 50 % size. A random-init encoder already separates colour (a linear function
+regression (L-BFGS, small L2) is fitted per attribute on the train pool's objects and scored on the test pool's;
+'x' is the column of the object's centre on a 16 x 16 grid (where it is: what left / right statements need).
+Chance: 25 % shape, 16.7 % colour, 50 % size, about 6 % x. A random-init encoder already separates colour (a linear function
 of the pixels); shape and size must be learned, so their gain over the random-init row measures what training
 taught the image side. The downstream tasks cannot do better than what the encoder sees.
 
@@ -29,11 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.toyworld import read_world  # noqa: E402
-from dataset.toyworld_vit import ATTRIBUTES, load_objects, pool_objects, train_on_attributes  # noqa: E402
+from dataset.toyworld_vit import (ATTRIBUTES, POSITION_BINS, centre_bins, load_objects, pool_objects,  # noqa: E402
+                                   train_on_attributes)
+
+PROBED = ATTRIBUTES + ('x',)
 
 
 def object_features(vit, world_dir: str, images: list, image_res: int, patch_size: int, batch: int = 100):
-    """Mean patch token per object for the given world.json entries: (features [N, D], labels per attribute)."""
+    """Mean patch token per object for the given world.json entries: (features [N, D], labels per PROBED name)."""
     import torch
     pixels, masks, objects = load_objects(world_dir, images, image_res, patch_size)
     vit.eval()
@@ -41,6 +45,7 @@ def object_features(vit, world_dir: str, images: list, image_res: int, patch_siz
         feats = torch.cat([pool_objects(vit(pixels[i:i + batch])[:, 1:], masks[i:i + batch])
                            for i in range(0, len(images), batch)])
     labels = {a: [o[a] for objs in objects for o in objs] for a in ATTRIBUTES}
+    labels['x'] = [c['x'] for w in images for c in centre_bins(w, POSITION_BINS)]
     return feats, labels
 
 
@@ -67,13 +72,13 @@ def linear_probe(train_x, train_y: list, test_x, test_y: list, l2: float = 1e-3)
 
 
 def probe(world_dir: str, vit, image_res: int, patch_size: int, max_train_images: int | None = None) -> dict:
-    """Linear-probe accuracies {'shape', 'colour', 'size'} (%) plus object counts for a ViT on a toy world."""
+    """Linear-probe accuracies {'shape', 'colour', 'size', 'x'} (%) plus object counts for a ViT on a toy world."""
     world = read_world(world_dir)
     train = [w for w in world if w['split'] == 'train'][:max_train_images]
     test = [w for w in world if w['split'] == 'test']
     xtr, ytr = object_features(vit, world_dir, train, image_res, patch_size)
     xte, yte = object_features(vit, world_dir, test, image_res, patch_size)
-    out = {a: round(linear_probe(xtr, ytr[a], xte, yte[a]), 1) for a in ATTRIBUTES}
+    out = {a: round(linear_probe(xtr, ytr[a], xte, yte[a]), 1) for a in PROBED}
     out.update(train_objects=len(ytr['shape']), test_objects=len(yte['shape']))
     return out
 
@@ -148,10 +153,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{'encoder':<50}{'shape':>8}{'colour':>8}{'size':>8}   objects train/test")
-        print(f"{result['checkpoint'][-50:]:<50}{result['shape']:>8.1f}{result['colour']:>8.1f}{result['size']:>8.1f}"
+        print(f"{'encoder':<50}" + ''.join(f'{a:>8}' for a in PROBED) + '   objects train/test')
+        print(f"{result['checkpoint'][-50:]:<50}" + ''.join(f'{result[a]:>8.1f}' for a in PROBED) +
               f"   {result['train_objects']}/{result['test_objects']}")
-        print('chance: shape 25.0, colour 16.7, size 50.0 (%)')
+        print(f'chance: shape 25.0, colour 16.7, size 50.0, x {100 / POSITION_BINS:.1f} (%)')
     return 0
 
 

@@ -73,13 +73,13 @@ def test_toy_probe_loading_accuracy_and_supervised_reference(tmp_path):
     assert result['test_objects'] >= 8 and result['train_objects'] >= 24
     # random patch features are a linear function of the pixels: colour is separable far above 1/6 chance
     assert result['colour'] > 50
-    assert all(0 <= result[a] <= 100 for a in toy_probe.ATTRIBUTES)
+    assert all(0 <= result[a] <= 100 for a in toy_probe.PROBED)
 
     r = subprocess.run([sys.executable, 'benchmarks/toy_probe.py', '--world', world, '--checkpoint', str(ckpt),
                         '--json'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     line = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {k: line[k] for k in toy_probe.ATTRIBUTES} == {k: result[k] for k in toy_probe.ATTRIBUTES}
+    assert {k: line[k] for k in toy_probe.PROBED} == {k: result[k] for k in toy_probe.PROBED}
     r = subprocess.run([sys.executable, 'benchmarks/toy_probe.py', '--world', world], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 2 and '--checkpoint' in r.stderr

@@ -34,6 +34,25 @@ def test_train_on_attributes_moves_the_vit_and_reports_each_attribute(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, vit.parameters()))
 
 
+def test_centre_bins_name_the_cell_of_each_object_centre():
+    from dataset.toyworld_vit import centre_bins
+    image = {'size': [96, 96], 'objects': [{'box': [0, 0, 10, 10]}, {'box': [90, 40, 6, 20]}, {'box': [40, 88, 8, 8]}]}
+    # centres (5, 5), (93, 50), (44, 92) on a 16-cell grid of 6 px cells; on a 2-cell grid, halves
+    assert centre_bins(image, 16) == [{'x': 0, 'y': 0}, {'x': 15, 'y': 8}, {'x': 7, 'y': 15}]
+    assert centre_bins(image, 2) == [{'x': 0, 'y': 0}, {'x': 1, 'y': 1}, {'x': 0, 'y': 1}]
+
+
+def test_position_heads_train_and_report_column_and_row(tmp_path):
+    from dataset.toyworld_vit import train_on_attributes
+    from models.vit import build_vit
+    world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
+    torch.manual_seed(0)
+    vit = build_vit(TINY)
+    curve = train_on_attributes(world, vit, TINY['image_res'], TINY['patch_size'], ('colour',), steps=2, batch=4,
+                                report=(), position_bins=4)
+    assert [s for s, _ in curve] == [2] and set(curve[0][1]) == {'colour', 'x', 'y'}
+
+
 def test_supervised_vit_file_loads_as_vision_pretrained_and_is_reused_until_its_inputs_change(tmp_path, capsys):
     from dataset.toyworld_vit import WEIGHTS_NAME, ensure_supervised_vit
     from models.pretrained import load_vision_weights
@@ -71,6 +90,13 @@ def test_supervised_vit_file_loads_as_vision_pretrained_and_is_reused_until_its_
     os.remove(os.path.join(world, 'vit_supervised.json'))  # weights without their record (an interrupted run)
     ensure_supervised_vit(world, TINY, steps=3, log_every=0)
     assert 'wrote' in capsys.readouterr().out
+    ensure_supervised_vit(world, TINY, steps=3, log_every=0, position_bins=4)  # with position heads: retrained
+    assert 'wrote' in capsys.readouterr().out
+    with open(os.path.join(world, 'vit_supervised.json')) as f:
+        record = json.load(f)
+    assert record['made_from']['position_bins'] == 4 and set(record['test_accuracy'][-1][1]) >= {'x', 'y'}
+    ensure_supervised_vit(world, TINY, steps=3, log_every=0, position_bins=4)
+    assert 'up to date' in capsys.readouterr().out
 
 
 def test_supervised_vit_cli_names_bad_arguments(tmp_path):
@@ -80,3 +106,6 @@ def test_supervised_vit_cli_names_bad_arguments(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'dataset.toyworld_vit', '--steps', '0'], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and '--steps 0' in r.stderr
+    r = subprocess.run([sys.executable, '-m', 'dataset.toyworld_vit', '--position-bins', '1'], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and '--position-bins 1' in r.stderr
