@@ -1149,8 +1149,8 @@ def grounding_match_bound(out: str) -> dict:
     mean from elsewhere (the pretraining captions). Returns {split: {'expressions', 'positional' (% of them),
     'bound'}} for val, testA and testB.
     """
-    with open(os.path.join(out, 'refcoco+', 'refs(unc).p'), 'rb') as f:
-        refs = pickle.load(f)
+    from refTools.refer import REFER  # its unpickler builds plain data only
+    refs = REFER(out, 'refcoco+', 'unc').Refs.values()
     objects = {w['image_id']: w['objects'] for w in read_world(out)}
     sizes = {syn: size for size, syns in SIZE_WORDS.items() for syn in syns}
     totals: dict = {}

@@ -530,9 +530,17 @@ def test_grounding_match_bound_counts_positional_expressions_at_chance_among_loo
     with open(tmp_path / 'world.json', 'w') as f:
         json.dump([{'image_id': 7, 'file': '7.png', 'split': 'test', 'size': [96, 96], 'objects': objs}], f)
     os.makedirs(tmp_path / 'refcoco+')
+    with open(tmp_path / 'refcoco+' / 'instances.json', 'w') as f:
+        json.dump({'images': [{'id': 7, 'file_name': '7.png', 'width': 96, 'height': 96}],
+                   'annotations': [{'id': 70 + i, 'image_id': 7, 'category_id': 1, 'bbox': o['box']}
+                                   for i, o in enumerate(objs)],
+                   'categories': [{'id': 1, 'name': 'shape'}]}, f)
+    sent_ids = iter(range(100))
 
-    def ref(split, *sents):
-        return {'image_id': 7, 'split': split, 'sentences': [{'sent': s} for s in sents]}
+    def ref(split, *sents):  # the referent does not matter for the bound, only the words and the image
+        ids = [next(sent_ids) for _ in sents]
+        return {'ref_id': ids[0], 'ann_id': 70, 'image_id': 7, 'category_id': 1, 'split': split, 'sent_ids': ids,
+                'sentences': [{'sent_id': i, 'sent': s, 'tokens': s.split()} for i, s in zip(ids, sents)]}
     refs = [ref('testA', 'the red circle', 'the leftmost square'),       # 1 + 1/3
             ref('testB', 'the small square on the right', 'the big square'),  # 1/2 + 1
             ref('val', 'the leftmost red object'),                         # 1/3
