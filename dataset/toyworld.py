@@ -1135,7 +1135,7 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
             'shared_captions': float(100.0 * np.mean(counts > 1))}
 
 
-_SIDE_WORDS = ('left', 'right', 'leftmost', 'rightmost')
+SIDE_WORDS = ('left', 'right', 'leftmost', 'rightmost')
 
 
 def grounding_match_bound(out: str) -> dict:
@@ -1161,7 +1161,7 @@ def grounding_match_bound(out: str) -> dict:
         for sent in ref['sentences']:
             words = sent['sent'].lower().split()
             t['expressions'] += 1
-            if not set(words) & set(_SIDE_WORDS):
+            if not set(words) & set(SIDE_WORDS):
                 t['bound'] += 1.0
                 continue
             look_alikes = [o for o in objects[ref['image_id']]

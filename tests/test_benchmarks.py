@@ -143,3 +143,49 @@ def test_toy_fusion_probe_masks_each_attribute_word_and_reports_shares(tmp_path)
     r = subprocess.run([sys.executable, 'benchmarks/toy_fusion_probe.py', '--world', world, '--checkpoint',
                         str(tmp_path / 'bare.pth')], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and '--config' in r.stderr
+
+
+def test_toy_grounding_errors_sorts_box_choices(tmp_path):
+    import toy_grounding_errors
+    from refTools.refer import REFER
+    from tests.toy import MINI_WORLD_SIZES, generate_world
+    world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
+    refer = REFER(world, 'refcoco+', 'unc')
+    items = [it for name in ('refcoco+_val.json', 'refcoco+_test.json')
+             for it in json.load(open(os.path.join(world, name)))]
+    grid = 8
+
+    def box_map(box, side):  # the share of each cell that the box covers
+        edges = torch.arange(grid + 1) * side / grid
+        cover_x = (torch.minimum(edges[1:], torch.tensor(box[0] + box[2]))
+                   - torch.maximum(edges[:-1], torch.tensor(box[0]))).clamp(min=0)
+        cover_y = (torch.minimum(edges[1:], torch.tensor(box[1] + box[3]))
+                   - torch.maximum(edges[:-1], torch.tensor(box[1]))).clamp(min=0)
+        return cover_y[:, None] * cover_x[None, :] / (side / grid) ** 2
+
+    def write(choose):
+        preds = []
+        for it in items:
+            ref = refer.Refs[it['ref_id']]
+            preds.append(box_map(choose(ref), refer.Imgs[ref['image_id']]['width']))
+        path = tmp_path / 'maps.pth'
+        torch.save({'index': torch.arange(len(items)), 'ref_id': torch.tensor([it['ref_id'] for it in items]),
+                    'pred': torch.stack(preds)}, path)
+        return str(path)
+
+    on_target = toy_grounding_errors.analyse(world, write(lambda ref: refer.refToAnn[ref['ref_id']]['bbox']))
+    assert set(on_target) <= {'val', 'testA', 'testB'} and on_target
+    for split, r in on_target.items():
+        assert r['n'] == sum(refer.Refs[it['ref_id']]['split'] == split for it in items)
+        assert abs(sum(r[k] for k in toy_grounding_errors.OUTCOMES) - 100) < 0.5
+        assert r['correct'] >= 75 and r['objects only'] >= 75
+        assert r['counts']['by attributes'] + r['counts']['by position'] == r['n']
+
+    def other_object(ref):  # a map on another object of the image, where there is one
+        boxes = [a['bbox'] for a in refer.imgToAnns[ref['image_id']] if a['id'] != ref['ann_id']]
+        return boxes[0] if boxes else [0, 0, 2, 2]
+    elsewhere = toy_grounding_errors.analyse(world, write(other_object))
+    for split, r in elsewhere.items():
+        assert r['correct'] < on_target[split]['correct'] and r['other object'] + r['background'] > 0
+
+    assert toy_grounding_errors.main(['--world', world, '--maps', str(tmp_path / 'nothing.pth')]) == 2
