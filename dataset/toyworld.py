@@ -523,6 +523,37 @@ def _vqa_question(rng: np.random.Generator, objs: Sequence[Obj], qtype: str):
     return f'is {ta} to the {asked} of {tb}?', 'yes' if asked == side else 'no', 'is the', 'yes/no'
 
 
+VQA_QUESTION_KINDS = ('colour', 'shape', 'size', 'count', 'exist', 'relation', 'side')
+
+
+def vqa_question_kind(question: str) -> str:
+    """The kind of a toy VQA question, read back from `_vqa_question`'s templates.
+
+    'count', 'exist', 'relation' ("is A to the left of B?", yes / no), 'side' ("is A on the left or the right of
+    B?"), or 'colour' / 'shape' / 'size' of one object, with ' by position' appended when the question names that
+    object by its position ("the leftmost triangle"). Raises ValueError on text no template makes.
+    """
+    q = question.strip().lower()
+    if q.startswith('how many '):
+        return 'count'
+    if q.startswith(('is there ', 'are there any ')):
+        return 'exist'
+    if ' on the left or the right of ' in q:
+        return 'side'
+    if ' to the left of ' in q or ' to the right of ' in q:
+        return 'relation'
+    if q.startswith(('what color is ', 'what is the color of ', 'which color does ')):
+        kind = 'colour'
+    elif q.startswith(('what shape is ', 'what is the shape of ')):
+        kind = 'shape'
+    elif q.startswith('what size is ') or q.endswith((' big or small?', ' small or large?')):
+        kind = 'size'
+    else:
+        raise ValueError(f'not a toy VQA question: {question!r}')
+    words = set(q.rstrip('?').split())
+    return kind + ' by position' if words & set(SIDE_WORDS) else kind
+
+
 def _human_answers(rng: np.random.Generator, answer: str, answer_type: str) -> list[str]:
     """Ten annotator answers: mostly correct, some synonyms or same-type mistakes, shuffled."""
     n_correct = int(rng.choice([10, 9, 8, 7, 6], p=[0.4, 0.25, 0.17, 0.1, 0.08]))

@@ -189,3 +189,68 @@ def test_toy_grounding_errors_sorts_box_choices(tmp_path):
         assert r['correct'] < on_target[split]['correct'] and r['other object'] + r['background'] > 0
 
     assert toy_grounding_errors.main(['--world', world, '--maps', str(tmp_path / 'nothing.pth')]) == 2
+
+
+def test_toy_vqa_kinds_scores_each_kind_with_the_vqa_metric(tmp_path):
+    import toy_vqa_kinds
+    from dataset.toyworld import vqa_question_kind
+    from tests.toy import MINI_WORLD_SIZES, generate_world
+    world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
+    items = json.load(open(os.path.join(world, 'vqa_test.json')))
+    truth = {it['question_id']: max(set(it['answer']), key=it['answer'].count) for it in items}
+    # Right on every question but the relation ones, which all get an answer no human gave.
+    result = [{'question_id': q, 'answer': 'purple elephant' if vqa_question_kind(it['question']) == 'relation'
+               else truth[q]} for q, it in zip(truth, items)]
+    path = tmp_path / 'result.json'
+    path.write_text(json.dumps(result))
+    report = toy_vqa_kinds.accuracy_by_kind(items, str(path))
+    assert report['questions'] == len(items) == sum(r['questions'] for r in report['kinds'].values())
+    for kind, r in report['kinds'].items():
+        assert r['accuracy'] == (0.0 if kind == 'relation' else 100.0), kind
+    relation = report['kinds'].get('relation', {'questions': 0})['questions']
+    assert abs(report['overall'] - 100.0 * (1 - relation / len(items))) < 0.01
+    out = _run('benchmarks/toy_vqa_kinds.py', '--world', world, '--result', str(path), '--json')
+    assert json.loads(out.strip().splitlines()[-1]) == report
+    assert toy_vqa_kinds.main(['--world', world, '--result', str(tmp_path / 'nothing.json')]) == 2
+
+
+def test_toy_relation_probe_masks_the_side_word_and_scores_the_choice(tmp_path):
+    import toy_relation_probe
+    import models
+    import utils
+    from engine import build_tokenizer
+    from tests.toy import generate_world, mini_config
+    world = generate_world(str(tmp_path / 'world'), 0, train_images=24, val_images=8, test_images=40)
+    tokenizer = build_tokenizer({'text_encoder': os.path.join(world, 'vocab')})
+    items = toy_relation_probe.probe_items(world)
+    kinds = {it['kind'] for it in items}
+    assert kinds == {'relation', 'text cue'}
+    assert all(it['answer'] in ('left', 'right') for it in items)
+
+    seen = []
+
+    def oracle(item, ids, atts, position):  # knows the answer: sees it only through the item
+        assert ids[0, position] == tokenizer.mask_token_id and atts.shape == ids.shape
+        seen.append(tokenizer.decode(ids[0]))
+        return (1.0, 0.0) if item['answer'] == 'left' else (0.0, 1.0)
+    perfect = toy_relation_probe.score(items, tokenizer, oracle)
+    assert all(r['accuracy'] == 100.0 for r in perfect.values())
+    assert sum(r['items'] for r in perfect.values()) == len(items) == len(seen)
+    assert all('[MASK]' in text for text in seen)
+
+    always_left = toy_relation_probe.score(items, tokenizer, lambda *a: (1.0, 0.0))
+    for kind, r in always_left.items():
+        assert r['accuracy'] == r['answer left']
+    assert always_left['text cue']['accuracy'] == 100.0 and always_left['relation']['answer left'] < 100.0
+
+    # End to end on a tiny random pretraining model: every caption is scored, one JSON line.
+    config_path = mini_config('Pretrain', world, tmp_path / 'config.yaml')
+    config = utils.load_config(config_path)
+    model = models.create_model('pretrain', config, tokenizer)
+    torch.save({'model': model.state_dict()}, tmp_path / 'checkpoint.pth')
+    out = _run('benchmarks/toy_relation_probe.py', '--world', world, '--checkpoint', str(tmp_path / 'checkpoint.pth'),
+               '--json')
+    report = json.loads(out.strip().splitlines()[-1])
+    assert {k: r['items'] for k, r in report.items()} == {k: r['items'] for k, r in perfect.items()}
+    assert all(0 <= r['accuracy'] <= 100 for r in report.values())
+    assert toy_relation_probe.main(['--world', world, '--checkpoint', str(tmp_path / 'none.pth')]) == 2

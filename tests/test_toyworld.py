@@ -380,6 +380,24 @@ def test_vqa_attribute_questions_match_the_world(world):
     assert checked > 20
 
 
+def test_vqa_question_kinds_cover_every_question_and_fit_its_answer(world):
+    kinds = Counter()
+    for it in _load(world, 'vqa_train.json') + _load(world, 'vqa_test.json'):
+        kind = tw.vqa_question_kind(it['question'])
+        truth = Counter(it['answer']).most_common(1)[0][0]
+        kinds[kind] += 1
+        expected = {'count': [str(n) for n in range(5)], 'exist': ['yes', 'no'],
+                    'relation': ['yes', 'no'], 'side': ['left', 'right']}.get(kind)
+        base = kind.replace(' by position', '')
+        if base in ('colour', 'shape', 'size'):
+            expected = {'colour': tw.COLOUR_NAMES, 'shape': tw.SHAPES, 'size': tw.SIZES}[base]
+            assert (base != kind) == bool(set(_clean(it['question'])) & set(tw.SIDE_WORDS)), it
+        assert truth in expected, (kind, it)
+    assert {k.replace(' by position', '') for k in kinds} == set(tw.VQA_QUESTION_KINDS)
+    with pytest.raises(ValueError, match='not a toy VQA question'):
+        tw.vqa_question_kind('why is the sky blue?')
+
+
 def test_referring_expressions_are_unique(world):
     with open(os.path.join(world, 'refcoco+', 'refs(unc).p'), 'rb') as f:
         refs = pickle.load(f)
