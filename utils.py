@@ -378,8 +378,8 @@ def _check_augment(path: str, block: Mapping) -> None:
     scale = block.get('crop_min_scale', 0.5)
     if isinstance(scale, bool) or not isinstance(scale, _NUM) or not 0 < scale <= 1:
         raise ConfigError(f"{path}: key 'augment.crop_min_scale' must be a number in (0, 1], got {scale!r}")
-    if not isinstance(block.get('hflip', True), bool):
-        raise ConfigError(f"{path}: key 'augment.hflip' must be bool, got {block['hflip']!r}")
+    if not isinstance(block.get('hflip', True), bool) and block['hflip'] != 'swap_sides':
+        raise ConfigError(f"{path}: key 'augment.hflip' must be true, false or 'swap_sides', got {block['hflip']!r}")
     ops = block.get('randaug_ops', [])
     if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
         raise ConfigError(f"{path}: key 'augment.randaug_ops' must be a list of op names, got {ops!r}")

@@ -1,6 +1,11 @@
 """Image transforms of spec 4.4 (CLIP normalisation, bicubic resizing, RandomAugment on training images)."""
 from __future__ import annotations
 
+import random
+import re
+from typing import Sequence
+
+from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -24,6 +29,37 @@ def random_augment(ops=None) -> RandomAugment:
 
 
 AUGMENT_KEYS = {'crop_min_scale', 'hflip', 'randaug_ops'}
+SWAP_SIDES = 'swap_sides'  # augment.hflip value: flip in the dataset, with the text's side words swapped
+
+SIDE_SWAPS = {'left': 'right', 'right': 'left', 'leftmost': 'rightmost', 'rightmost': 'leftmost'}
+_SIDE_WORD = re.compile(r'\b(leftmost|rightmost|left|right)\b', re.IGNORECASE)
+
+
+def swap_sides(text: str) -> str:
+    """`text` with left <-> right and leftmost <-> rightmost swapped (whole words, first-letter case kept)."""
+    def swap(match):
+        word = SIDE_SWAPS[match.group(1).lower()]
+        return word.capitalize() if match.group(1)[0].isupper() else word
+    return _SIDE_WORD.sub(swap, text)
+
+
+class MirrorSwappingSides:
+    """A horizontal flip that keeps the text true: with probability `p` the image is mirrored and every text has
+    its side words swapped ("the leftmost circle" -> "the rightmost circle"). The plain flip of the original
+    turns such texts false. Draws from Python's `random`, which the training loader seeds per item."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, image: Image.Image, texts: Sequence[str]) -> tuple[Image.Image, tuple[str, ...]]:
+        if random.random() >= self.p:
+            return image, tuple(texts)
+        return ImageOps.mirror(image), tuple(swap_sides(t) for t in texts)
+
+
+def side_mirror(augment: dict | None) -> MirrorSwappingSides | None:
+    """The dataset-side flip the `augment:` block asks for (`hflip: swap_sides`), else None."""
+    return MirrorSwappingSides() if (augment or {}).get('hflip') == SWAP_SIDES else None
 
 
 def build_transform(kind: str, image_res: int, augment: dict | None = None) -> transforms.Compose:
@@ -37,7 +73,9 @@ def build_transform(kind: str, image_res: int, augment: dict | None = None) -> t
 
     `augment` (the config's optional `augment:` block) adapts the training transforms to data whose text the
     original augmentation would falsify: `crop_min_scale` (a crop can cut out counted objects), `hflip`
-    (flips swap left and right), `randaug_ops` (colour ops change colour words). Defaults are the original's.
+    (flips swap left and right: False for none, 'swap_sides' to flip in the dataset with the text's side words
+    swapped, see `MirrorSwappingSides`; then there is no flip here), `randaug_ops` (colour ops change colour
+    words). Defaults are the original's.
     """
     if isinstance(image_res, bool) or not isinstance(image_res, int) or image_res <= 0:
         raise ValueError(f'image_res must be a positive int, got {image_res!r}')
@@ -45,7 +83,7 @@ def build_transform(kind: str, image_res: int, augment: dict | None = None) -> t
     unknown = set(augment) - AUGMENT_KEYS
     if unknown:
         raise ValueError(f'unknown augment key(s) {sorted(unknown)}; expected {sorted(AUGMENT_KEYS)}')
-    flip = [transforms.RandomHorizontalFlip()] if augment.get('hflip', True) else []
+    flip = [transforms.RandomHorizontalFlip()] if augment.get('hflip', True) is True else []
     randaug = random_augment(augment.get('randaug_ops'))
     bicubic = InterpolationMode.BICUBIC
     if kind in ('pretrain', 'train'):
