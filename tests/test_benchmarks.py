@@ -256,39 +256,46 @@ def test_toy_relation_probe_masks_the_side_word_and_scores_the_choice(tmp_path):
     assert toy_relation_probe.main(['--world', world, '--checkpoint', str(tmp_path / 'none.pth')]) == 2
 
 
-def test_toy_ve_kinds_splits_the_evaluators_accuracy_by_hypothesis_kind(tmp_path):
-    import toy_ve_kinds
+@pytest.mark.parametrize('task', ['ve', 'nlvr'])
+def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_path):
+    import importlib
+    import toy_sentence_kinds as kinds
     import models
     import utils
-    import VE
     from dataset import create_dataset
     from engine import build_tokenizer
     from evaluation.classification import build_eval_loaders, evaluate
     from tests.toy import generate_world, mini_config
-    assert toy_ve_kinds.hypothesis_kind('The leftmost circle is small.') == 'position'
-    assert toy_ve_kinds.hypothesis_kind('the brightest circle is small') == 'attributes'
-    assert toy_ve_kinds.accuracy_by_kind(['a left b', 'a b', 'a b'], [2, 0, 1], [2, 0, 0], VE.CLASS_NAMES) == {
-        'all': {'items': 3, 'accuracy': 200 / 3}, 'attributes': {'items': 2, 'accuracy': 50.0},
-        'attributes / contradiction': {'items': 2, 'accuracy': 50.0}, 'position': {'items': 1, 'accuracy': 100.0},
+    script = importlib.import_module({'ve': 'VE', 'nlvr': 'NLVR'}[task])
+    assert kinds.sentence_kind('The leftmost circle is small.') == 'position'
+    assert kinds.sentence_kind('In the left image, a circle is to the right of a square') == 'position'
+    assert kinds.sentence_kind('The left image has more squares than the right image.') == 'no position'
+    assert kinds.sentence_kind('the brightest circle is small') == 'no position'
+    names = ('contradiction', 'neutral', 'entailment')
+    assert kinds.accuracy_by_kind(['a left b', 'a b', 'a b'], [2, 0, 1], [2, 0, 0], names) == {
+        'all': {'items': 3, 'accuracy': 200 / 3}, 'no position': {'items': 2, 'accuracy': 50.0},
+        'no position / contradiction': {'items': 2, 'accuracy': 50.0}, 'position': {'items': 1, 'accuracy': 100.0},
         'position / entailment': {'items': 1, 'accuracy': 100.0}}
 
     world = generate_world(str(tmp_path / 'world'), 0, train_images=24, val_images=8, test_images=16,
                            image_size=48)
-    config_path = mini_config('VE', world, tmp_path / 'config.yaml')
+    config_path = mini_config({'ve': 'VE', 'nlvr': 'NLVR'}[task], world, tmp_path / 'config.yaml',
+                              batch_size_test=5)
     config = utils.load_config(config_path)
     tokenizer = build_tokenizer(config)
     torch.manual_seed(0)
-    model = models.create_model('ve', config, tokenizer)
+    model = models.create_model(task, config, tokenizer)
     torch.save({'model': model.state_dict()}, tmp_path / 'checkpoint.pth')
-    out = _run('benchmarks/toy_ve_kinds.py', '--checkpoint', str(tmp_path / 'checkpoint.pth'), '--json')
+    out = _run('benchmarks/toy_sentence_kinds.py', '--task', task, '--checkpoint', str(tmp_path / 'checkpoint.pth'),
+               '--json')
     report = json.loads(out.strip().splitlines()[-1])
-    test_set = create_dataset('ve', config)[2]
-    kinds = [toy_ve_kinds.hypothesis_kind(item['sentence']) for item in test_set.ann]
+    test_set = create_dataset(task, config)[2]
+    found = [kinds.sentence_kind(item['sentence']) for item in test_set.ann]
     assert report['all']['items'] == len(test_set)
-    assert {k: report[k]['items'] for k in ('attributes', 'position') if k in report} == {
-        k: kinds.count(k) for k in set(kinds)}
-    # The same predictions as VE.py's evaluator.
+    assert {k: report[k]['items'] for k in ('no position', 'position') if k in report} == {
+        k: found.count(k) for k in set(found)}
+    # The same predictions as the task script's evaluator.
     loader = build_eval_loaders([test_set], config['batch_size_test'], 0)[0]
-    predict = VE.make_predict_fn(tokenizer, torch.device('cpu'), 64, 'fp32')
-    assert abs(report['all']['accuracy'] - 100 * evaluate(model, loader, predict, VE.CLASS_NAMES)['acc']) < 1e-6
-    assert toy_ve_kinds.main(['--checkpoint', str(tmp_path / 'none.pth')]) == 2
+    predict = script.make_predict_fn(tokenizer, torch.device('cpu'), 64, 'fp32')
+    assert abs(report['all']['accuracy'] - 100 * evaluate(model, loader, predict, script.CLASS_NAMES)['acc']) < 1e-6
+    assert kinds.main(['--task', task, '--checkpoint', str(tmp_path / 'none.pth')]) == 2

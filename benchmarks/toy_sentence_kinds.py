@@ -1,11 +1,12 @@
-"""Toy SNLI-VE accuracy by hypothesis kind: does the model fail where the hypothesis names a position?
+"""Toy SNLI-VE / NLVR2 accuracy by sentence kind: does the model fail where the sentence names an object's place?
 
-    python benchmarks/toy_ve_kinds.py --checkpoint output/toy_ve/checkpoint_best.pth
-    python benchmarks/toy_ve_kinds.py --checkpoint ... --config <its config.yaml> --split val --json
+    python benchmarks/toy_sentence_kinds.py --task ve --checkpoint output/toy_ve/checkpoint_best.pth
+    python benchmarks/toy_sentence_kinds.py --task nlvr --checkpoint output/toy_nlvr/checkpoint_best.pth --json
 
-Runs a fine-tuned VE checkpoint over the split (default test) as VE.py evaluates it and splits the accuracy by
-whether the hypothesis names a position ("the red diamond is to the right of the big green object", "the
-leftmost circle is small") or only attributes, and by label. `--config` defaults to the config.yaml that VE.py
+Runs a fine-tuned checkpoint over the split (default test) as VE.py / NLVR.py evaluate it and splits the accuracy
+by whether the sentence places an object ("the red diamond is to the right of the big green object", "the
+leftmost object in the left image is a circle") or not, and by label. NLVR2's "left image" / "right image" name
+one of the two images, not a place, and do not count. `--config` defaults to the config.yaml that the task script
 wrote beside the checkpoint.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,53 +22,60 @@ sys.path.insert(0, ROOT)
 
 from dataset.toyworld import SIDE_WORDS  # noqa: E402
 
+IMAGE_NAME = re.compile(r'\b(left|right) image\b')
 
-def hypothesis_kind(sentence: str) -> str:
-    """'position' when the hypothesis names a side (left, right, leftmost, rightmost), else 'attributes'."""
-    words = set(sentence.lower().replace('.', ' ').replace(',', ' ').split())
-    return 'position' if words & set(SIDE_WORDS) else 'attributes'
+
+def sentence_kind(sentence: str) -> str:
+    """'position' when the sentence places an object (left, right, leftmost, rightmost; not NLVR2's "left image"),
+    else 'no position'."""
+    text = IMAGE_NAME.sub(' ', sentence.lower())
+    words = set(re.findall(r'[a-z]+', text))
+    return 'position' if words & set(SIDE_WORDS) else 'no position'
 
 
 def accuracy_by_kind(sentences, preds, targets, class_names) -> dict:
     """{'all' / kind / 'kind / label': {'items', 'accuracy' (%)}} of predictions against targets."""
     groups: dict = {}
     for sentence, pred, target in zip(sentences, preds, targets):
-        kind = hypothesis_kind(sentence)
+        kind = sentence_kind(sentence)
         for key in ('all', kind, f'{kind} / {class_names[target]}'):
             groups.setdefault(key, []).append(pred == target)
     return {key: {'items': len(hits), 'accuracy': 100.0 * sum(hits) / len(hits)}
             for key, hits in sorted(groups.items())}
 
 
-def run(checkpoint: str, config_path: str, split: str = 'test') -> dict:
-    """Predict the split with the checkpoint (VE.py's batches and predict function) and split the accuracy."""
+def run(task: str, checkpoint: str, config_path: str, split: str = 'test') -> dict:
+    """Predict the split with the checkpoint (the task script's batches and predict function), split the accuracy."""
+    import importlib
+
     import torch
 
     import models
     import utils
-    import VE
     from dataset import create_dataset
     from engine import build_tokenizer
     from evaluation.classification import build_eval_loaders, collect_predictions
     from models.checkpoint import load_checkpoint
+    script = importlib.import_module({'ve': 'VE', 'nlvr': 'NLVR'}[task])
     config = utils.load_config(config_path)
     config['vision_pretrained'] = None  # the checkpoint holds the ViT
     tokenizer = build_tokenizer(config)
-    dataset = dict(zip(('train', 'val', 'test'), create_dataset('ve', config)))[split]
+    dataset = dict(zip(('train', 'val', 'test'), create_dataset(task, config)))[split]
     loader = build_eval_loaders([dataset], config['batch_size_test'], 0)[0]
-    model = models.create_model('ve', config, tokenizer)
-    load_checkpoint(model, checkpoint, 've')
+    model = models.create_model(task, config, tokenizer)
+    load_checkpoint(model, checkpoint, task)
     device = torch.device('cpu')
     max_tokens = model.text_encoder.config.max_position_embeddings
-    out = collect_predictions(model, loader, VE.make_predict_fn(tokenizer, device, max_tokens, 'fp32'),
+    out = collect_predictions(model, loader, script.make_predict_fn(tokenizer, device, max_tokens, 'fp32'),
                               print_freq=10 ** 9)
     sentences = [dataset.ann[i]['sentence'] for i in out['index']]
-    return accuracy_by_kind(sentences, out['pred'], out['target'], VE.CLASS_NAMES)
+    return accuracy_by_kind(sentences, out['pred'], out['target'], script.CLASS_NAMES)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--checkpoint', required=True, help='a fine-tuned VE.py checkpoint')
+    parser.add_argument('--task', choices=('ve', 'nlvr'), required=True)
+    parser.add_argument('--checkpoint', required=True, help='a fine-tuned VE.py / NLVR.py checkpoint')
     parser.add_argument('--config', default=None, help='its config (default: config.yaml beside it)')
     parser.add_argument('--split', choices=('train', 'val', 'test'), default='test')
     parser.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
@@ -76,12 +85,12 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             print(f'error: {what}: no file {path}', file=sys.stderr)
             return 2
-    report = run(args.checkpoint, config_path, args.split)
+    report = run(args.task, args.checkpoint, config_path, args.split)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f'SNLI-VE accuracy by hypothesis kind ({args.split} split)')
-    print('| hypotheses | items | accuracy % |')
+    print(f'{args.task} accuracy by sentence kind ({args.split} split)')
+    print('| sentences | items | accuracy % |')
     print('| --- | --- | --- |')
     for key, r in report.items():
         print(f'| {key} | {r["items"]} | {r["accuracy"]:.1f} |')
