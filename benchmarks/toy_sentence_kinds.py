@@ -61,7 +61,8 @@ def run(task: str, checkpoint: str, config_path: str, split: str = 'test') -> di
     config['vision_pretrained'] = None  # the checkpoint holds the ViT
     tokenizer = build_tokenizer(config)
     dataset = dict(zip(('train', 'val', 'test'), create_dataset(task, config)))[split]
-    loader = build_eval_loaders([dataset], config['batch_size_test'], 0)[0]
+    # VE.py evaluates with batch_size_test, NLVR.py with its one batch_size
+    loader = build_eval_loaders([dataset], config['batch_size_test' if task == 've' else 'batch_size'], 0)[0]
     model = models.create_model(task, config, tokenizer)
     load_checkpoint(model, checkpoint, task)
     device = torch.device('cpu')

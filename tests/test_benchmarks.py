@@ -279,8 +279,7 @@ def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_pat
 
     world = generate_world(str(tmp_path / 'world'), 0, train_images=24, val_images=8, test_images=16,
                            image_size=48)
-    config_path = mini_config({'ve': 'VE', 'nlvr': 'NLVR'}[task], world, tmp_path / 'config.yaml',
-                              batch_size_test=5)
+    config_path = mini_config({'ve': 'VE', 'nlvr': 'NLVR'}[task], world, tmp_path / 'config.yaml')
     config = utils.load_config(config_path)
     tokenizer = build_tokenizer(config)
     torch.manual_seed(0)
@@ -295,7 +294,7 @@ def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_pat
     assert {k: report[k]['items'] for k in ('no position', 'position') if k in report} == {
         k: found.count(k) for k in set(found)}
     # The same predictions as the task script's evaluator.
-    loader = build_eval_loaders([test_set], config['batch_size_test'], 0)[0]
+    loader = build_eval_loaders([test_set], 4, 0)[0]
     predict = script.make_predict_fn(tokenizer, torch.device('cpu'), 64, 'fp32')
     assert abs(report['all']['accuracy'] - 100 * evaluate(model, loader, predict, script.CLASS_NAMES)['acc']) < 1e-6
     assert kinds.main(['--task', task, '--checkpoint', str(tmp_path / 'none.pth')]) == 2
