@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.toyworld import SIDE_WORDS  # noqa: E402
+from report import missing_input  # noqa: E402
 
 SPLITS = ('val', 'testA', 'testB')
 OUTCOMES = ('correct', 'distractor at target', 'other object', 'background')
@@ -95,10 +96,8 @@ def main(argv=None) -> int:
     p.add_argument('--maps', required=True, help="a Grounding.py result/epoch<E>.pth file")
     p.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
     args = p.parse_args(argv)
-    for path in (args.maps, os.path.join(args.world, 'refcoco+', 'dets.json')):
-        if not os.path.isfile(path):
-            print(f'error: {path}: not found', file=sys.stderr)
-            return 2
+    if missing_input(((args.maps, '--maps'), (os.path.join(args.world, 'refcoco+', 'dets.json'), '--world'))):
+        return 2
     result = analyse(args.world, args.maps)
     if args.json:
         print(json.dumps(result))

@@ -19,6 +19,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from report import emit, missing_input  # noqa: E402
+
 RELATION = re.compile(r'\bto the (left|right) of\b')
 TEXT_CUE = re.compile(r'\bfrom left to right\b')
 
@@ -115,19 +117,13 @@ def main(argv=None) -> int:
     parser.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
     args = parser.parse_args(argv)
     config_path = args.config or os.path.join(os.path.dirname(args.checkpoint), 'config.yaml')
-    for path, what in ((os.path.join(args.world, 'retrieval_test.json'), '--world'),
-                       (args.checkpoint, '--checkpoint'), (config_path, '--config')):
-        if not os.path.isfile(path):
-            print(f'error: {what}: no file {path}', file=sys.stderr)
-            return 2
+    if missing_input(((os.path.join(args.world, 'retrieval_test.json'), '--world'),
+                      (args.checkpoint, '--checkpoint'), (config_path, '--config'))):
+        return 2
     report = run(args.world, args.checkpoint, config_path)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print('| masked word | captions | chosen right % | "left" is the answer % |')
-    print('| --- | --- | --- | --- |')
-    for kind, r in report.items():
-        print(f'| {kind} | {r["items"]} | {r["accuracy"]:.1f} | {r["answer left"]:.1f} |')
+    emit(report, args.json, f'MLM left / right probe of {args.checkpoint} (test captions)',
+         ('masked word', 'captions', 'chosen right %', '"left" is the answer %'),
+         [(kind, r['items'], r['accuracy'], r['answer left']) for kind, r in report.items()])
     return 0
 
 

@@ -12,7 +12,6 @@ wrote beside the checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -21,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.toyworld import SIDE_WORDS  # noqa: E402
+from report import emit, missing_input  # noqa: E402
 
 IMAGE_NAME = re.compile(r'\b(left|right) image\b')
 
@@ -82,19 +82,11 @@ def main(argv=None) -> int:
     parser.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
     args = parser.parse_args(argv)
     config_path = args.config or os.path.join(os.path.dirname(args.checkpoint), 'config.yaml')
-    for path, what in ((args.checkpoint, '--checkpoint'), (config_path, '--config')):
-        if not os.path.isfile(path):
-            print(f'error: {what}: no file {path}', file=sys.stderr)
-            return 2
+    if missing_input(((args.checkpoint, '--checkpoint'), (config_path, '--config'))):
+        return 2
     report = run(args.task, args.checkpoint, config_path, args.split)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f'{args.task} accuracy by sentence kind ({args.split} split)')
-    print('| sentences | items | accuracy % |')
-    print('| --- | --- | --- |')
-    for key, r in report.items():
-        print(f'| {key} | {r["items"]} | {r["accuracy"]:.1f} |')
+    emit(report, args.json, f'{args.task} accuracy by sentence kind ({args.split} split)',
+         ('sentences', 'items', 'accuracy %'), [(key, r['items'], r['accuracy']) for key, r in report.items()])
     return 0
 
 

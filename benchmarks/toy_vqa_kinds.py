@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dataset.toyworld import VQA_QUESTION_KINDS, vqa_question_kind  # noqa: E402
+from report import emit, missing_input  # noqa: E402
 
 
 def kind_order(kind: str) -> tuple:
@@ -57,22 +58,14 @@ def main(argv=None) -> int:
     parser.add_argument('--json', action='store_true', help='print one JSON line instead of the table')
     args = parser.parse_args(argv)
     items_path = os.path.join(args.world, f'vqa_{args.split}.json')
-    for path, what in ((items_path, '--world'), (args.result, '--result')):
-        if not os.path.isfile(path):
-            print(f'error: {what}: no file {path}', file=sys.stderr)
-            return 2
+    if missing_input(((items_path, '--world'), (args.result, '--result'))):
+        return 2
     with open(items_path) as f:
         items = json.load(f)
     report = accuracy_by_kind(items, args.result)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f'VQA accuracy by question kind ({args.split} split, {report["questions"]} questions)')
-    print('| kind | questions | accuracy % |')
-    print('| --- | --- | --- |')
-    for kind, r in report['kinds'].items():
-        print(f'| {kind} | {r["questions"]} | {r["accuracy"]:.1f} |')
-    print(f'| all | {report["questions"]} | {report["overall"]:.1f} |')
+    rows = [(kind, r['questions'], r['accuracy']) for kind, r in report['kinds'].items()]
+    emit(report, args.json, f'VQA accuracy by question kind ({args.split} split)', ('kind', 'questions', 'accuracy %'),
+         rows + [('all', report['questions'], float(report['overall']))])
     return 0
 
 
