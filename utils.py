@@ -375,11 +375,12 @@ def _check_block(path: str, block_name: str, block: dict, known: set, required: 
 def _check_augment(path: str, block: Mapping) -> None:
     """Value checks of the `augment:` block (its keys are checked by _check_block)."""
     from dataset.randaugment import OPS
+    from dataset.transforms import SWAP_SIDES
     scale = block.get('crop_min_scale', 0.5)
     if isinstance(scale, bool) or not isinstance(scale, _NUM) or not 0 < scale <= 1:
         raise ConfigError(f"{path}: key 'augment.crop_min_scale' must be a number in (0, 1], got {scale!r}")
-    if not isinstance(block.get('hflip', True), bool) and block['hflip'] != 'swap_sides':
-        raise ConfigError(f"{path}: key 'augment.hflip' must be true, false or 'swap_sides', got {block['hflip']!r}")
+    if not isinstance(block.get('hflip', True), bool) and block['hflip'] != SWAP_SIDES:
+        raise ConfigError(f"{path}: key 'augment.hflip' must be true, false or '{SWAP_SIDES}', got {block['hflip']!r}")
     ops = block.get('randaug_ops', [])
     if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
         raise ConfigError(f"{path}: key 'augment.randaug_ops' must be a list of op names, got {ops!r}")

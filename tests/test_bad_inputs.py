@@ -328,6 +328,12 @@ def config_nested_misspelled_key(c):
 
 
 @case
+def config_unknown_flip_mode(c):
+    return config_case(c, r"key 'augment.hflip' must be true, false or 'swap_sides', got 'sideways'$",
+                       augment={'hflip': 'sideways'})
+
+
+@case
 def config_unknown_augmentation_op(c):
     return config_case(c, r"key 'augment.randaug_ops' names an unknown op 'Rotat' \(did you mean 'Rotate'\?\)",
                        augment={'randaug_ops': ['Identity', 'Rotat']})
