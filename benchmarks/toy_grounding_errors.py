@@ -23,7 +23,7 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset.toyworld import SIDE_WORDS  # noqa: E402
+from dataset.toyworld import names_a_side  # noqa: E402
 from report import missing_input  # noqa: E402
 
 SPLITS = ('val', 'testA', 'testB')
@@ -73,8 +73,7 @@ def analyse(world_dir: str, maps_path: str) -> dict:
         else:
             outcome = 'background'
         correct = outcome == 'correct'
-        words = item['text'].lower().replace('.', ' ').split()
-        kind = 'by position' if set(words) & set(SIDE_WORDS) else 'by attributes'
+        kind = 'by position' if names_a_side(item['text']) else 'by attributes'
         t = tally[ref['split']]
         for key in (*OUTCOMES, 'objects only', kind, f'{len(objects)} objects'):
             hit = {'objects only': computeIoU(target, choose_box(heat, objects).box) >= 0.5}.get(

@@ -19,7 +19,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset.toyworld import SIDE_WORDS  # noqa: E402
+from dataset.toyworld import names_a_side  # noqa: E402
 from report import emit, missing_input  # noqa: E402
 
 IMAGE_NAME = re.compile(r'\b(left|right) image\b')
@@ -28,9 +28,7 @@ IMAGE_NAME = re.compile(r'\b(left|right) image\b')
 def sentence_kind(sentence: str) -> str:
     """'position' when the sentence places an object (left, right, leftmost, rightmost; not NLVR2's "left image"),
     else 'no position'."""
-    text = IMAGE_NAME.sub(' ', sentence.lower())
-    words = set(re.findall(r'[a-z]+', text))
-    return 'position' if words & set(SIDE_WORDS) else 'no position'
+    return 'position' if names_a_side(IMAGE_NAME.sub(' ', sentence.lower())) else 'no position'
 
 
 def accuracy_by_kind(sentences, preds, targets, class_names) -> dict:

@@ -72,6 +72,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -113,6 +114,7 @@ COLOUR_NAMES = tuple(COLOURS)
 SIZES = ('small', 'big')
 SIZE_FRACTION = {'small': (0.15, 0.19), 'big': (0.27, 0.33)}  # side length / image side
 SIZE_WORDS = {'small': ('small', 'little'), 'big': ('big', 'large')}
+SIDE_WORDS = ('left', 'right', 'leftmost', 'rightmost')
 NUMBER_WORDS = ('no', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight')
 ATTRS = ('size', 'colour', 'shape')
 
@@ -526,6 +528,11 @@ def _vqa_question(rng: np.random.Generator, objs: Sequence[Obj], qtype: str):
 VQA_QUESTION_KINDS = ('colour', 'shape', 'size', 'count', 'exist', 'relation', 'side')
 
 
+def names_a_side(text: str) -> bool:
+    """Whether a toy text says left, right, leftmost or rightmost (as a whole word, any case or punctuation)."""
+    return not set(re.findall(r'[a-z]+', text.lower())).isdisjoint(SIDE_WORDS)
+
+
 def vqa_question_kind(question: str) -> str:
     """The kind of a toy VQA question, read back from `_vqa_question`'s templates.
 
@@ -550,8 +557,7 @@ def vqa_question_kind(question: str) -> str:
         kind = 'size'
     else:
         raise ValueError(f'not a toy VQA question: {question!r}')
-    words = set(q.rstrip('?').split())
-    return kind + ' by position' if words & set(SIDE_WORDS) else kind
+    return kind + ' by position' if names_a_side(q) else kind
 
 
 def _human_answers(rng: np.random.Generator, answer: str, answer_type: str) -> list[str]:
@@ -1166,8 +1172,6 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
             'shared_captions': float(100.0 * np.mean(counts > 1))}
 
 
-SIDE_WORDS = ('left', 'right', 'leftmost', 'rightmost')
-
 
 def grounding_match_bound(out: str) -> dict:
     """Grounding accuracy (%) per split when the named object is found exactly whenever the expression singles it
@@ -1192,7 +1196,7 @@ def grounding_match_bound(out: str) -> dict:
         for sent in ref['sentences']:
             words = sent['sent'].lower().split()
             t['expressions'] += 1
-            if not set(words) & set(SIDE_WORDS):
+            if not names_a_side(sent['sent']):
                 t['bound'] += 1.0
                 continue
             look_alikes = [o for o in objects[ref['image_id']]
