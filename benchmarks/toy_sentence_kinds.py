@@ -6,7 +6,8 @@
 Runs a fine-tuned checkpoint over the split (default test) as VE.py / NLVR.py evaluate it and splits the accuracy
 by whether the sentence places an object ("the red diamond is to the right of the big green object", "the
 leftmost object in the left image is a circle") or not, and by label. NLVR2's "left image" / "right image" name
-one of the two images, not a place, and do not count. `--config` defaults to the config.yaml that the task script
+one of the two images, not a place, and do not count. NLVR2 is also split by what the statement asks
+("statement: more / fewer", ...; `dataset.toyworld.NLVR_STATEMENT_KINDS`). `--config` defaults to the config.yaml that the task script
 wrote beside the checkpoint.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dataset.toyworld import names_a_side  # noqa: E402
+from dataset.toyworld import names_a_side, nlvr_statement_kind  # noqa: E402
 from report import emit, missing_input  # noqa: E402
 
 IMAGE_NAME = re.compile(r'\b(left|right) image\b')
@@ -31,12 +32,16 @@ def sentence_kind(sentence: str) -> str:
     return 'position' if names_a_side(IMAGE_NAME.sub(' ', sentence.lower())) else 'no position'
 
 
-def accuracy_by_kind(sentences, preds, targets, class_names) -> dict:
-    """{'all' / kind / 'kind / label': {'items', 'accuracy' (%)}} of predictions against targets."""
+def accuracy_by_kind(sentences, preds, targets, class_names, statement_kind=None) -> dict:
+    """{'all' / kind / 'kind / label': {'items', 'accuracy' (%)}} of predictions against targets, plus
+    'statement: <statement_kind(sentence)>' when a statement_kind function is given."""
     groups: dict = {}
     for sentence, pred, target in zip(sentences, preds, targets):
         kind = sentence_kind(sentence)
-        for key in ('all', kind, f'{kind} / {class_names[target]}'):
+        keys = ['all', kind, f'{kind} / {class_names[target]}']
+        if statement_kind is not None:
+            keys.append(f'statement: {statement_kind(sentence)}')
+        for key in keys:
             groups.setdefault(key, []).append(pred == target)
     return {key: {'items': len(hits), 'accuracy': 100.0 * sum(hits) / len(hits)}
             for key, hits in sorted(groups.items())}
@@ -68,7 +73,8 @@ def run(task: str, checkpoint: str, config_path: str, split: str = 'test') -> di
     out = collect_predictions(model, loader, script.make_predict_fn(tokenizer, device, max_tokens, 'fp32'),
                               print_freq=10 ** 9)
     sentences = [dataset.ann[i]['sentence'] for i in out['index']]
-    return accuracy_by_kind(sentences, out['pred'], out['target'], script.CLASS_NAMES)
+    return accuracy_by_kind(sentences, out['pred'], out['target'], script.CLASS_NAMES,
+                            nlvr_statement_kind if task == 'nlvr' else None)
 
 
 def main(argv=None) -> int:

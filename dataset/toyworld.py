@@ -685,6 +685,37 @@ def _nlvr_statement(rng: np.random.Generator, template: int, left: Sequence[Obj]
 
 
 NLVR_TEMPLATES = 9
+# What each of `_nlvr_statement`'s templates asks, by template number. The first four and 'total' can be told from
+# one image at a time (or a sum); 'more / fewer' and 'same number' compare the two images.
+NLVR_STATEMENT_KINDS = ('count in one image', 'in both', 'in neither', 'only in one', 'more / fewer', 'same number',
+                        'total', 'relation', 'leftmost / rightmost')
+
+
+def nlvr_statement_kind(sentence: str) -> str:
+    """The kind (one of NLVR_STATEMENT_KINDS) of a toy NLVR2 statement, read back from `_nlvr_statement`'s
+    templates. Raises ValueError on text no template makes."""
+    s = sentence.strip().lower().rstrip('.')
+    if ' the same number of ' in s or ' equally many ' in s:
+        kind = 5
+    elif (' more ' in s and ' than the ' in s) or s.startswith('there are fewer '):
+        kind = 4
+    elif s.endswith(' in total') or s.startswith(('the two images together contain ', 'altogether there ')):
+        kind = 6
+    elif s.startswith(('in the left image, ', 'in the right image, ')):
+        kind = 7
+    elif s.startswith(('the leftmost object in the ', 'the rightmost object in the ')):
+        kind = 8
+    elif s.startswith('only the ') or ' image but not in the ' in s:
+        kind = 3
+    elif s.startswith(('neither image contains ', 'there are no ', 'no image has any ')):
+        kind = 2
+    elif s.startswith('both images contain ') or s.endswith(' in both images') or s.startswith('each image has '):
+        kind = 1
+    elif re.match(r'the (left|right) image (has|contains|shows) ', s):
+        kind = 0
+    else:
+        raise ValueError(f'not a toy NLVR2 statement: {sentence!r}')
+    return NLVR_STATEMENT_KINDS[kind]
 
 
 def _nlvr_split(rng: np.random.Generator, worlds: Sequence[dict], n_items: int) -> list[dict]:

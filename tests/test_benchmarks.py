@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -265,6 +266,7 @@ def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_pat
     from dataset import create_dataset
     from engine import build_tokenizer
     from evaluation.classification import build_eval_loaders, evaluate
+    from dataset.toyworld import nlvr_statement_kind
     from tests.toy import generate_world, mini_config
     script = importlib.import_module({'ve': 'VE', 'nlvr': 'NLVR'}[task])
     assert kinds.sentence_kind('The leftmost circle is small.') == 'position'
@@ -272,6 +274,8 @@ def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_pat
     assert kinds.sentence_kind('The left image has more squares than the right image.') == 'no position'
     assert kinds.sentence_kind('the brightest circle is small') == 'no position'
     names = ('contradiction', 'neutral', 'entailment')
+    assert kinds.accuracy_by_kind(['a b', 'a c'], [0, 1], [0, 0], names, statement_kind=lambda s: s[-1])[
+        'statement: c'] == {'items': 1, 'accuracy': 0.0}
     assert kinds.accuracy_by_kind(['a left b', 'a b', 'a b'], [2, 0, 1], [2, 0, 0], names) == {
         'all': {'items': 3, 'accuracy': 200 / 3}, 'no position': {'items': 2, 'accuracy': 50.0},
         'no position / contradiction': {'items': 2, 'accuracy': 50.0}, 'position': {'items': 1, 'accuracy': 100.0},
@@ -293,6 +297,11 @@ def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_pat
     assert report['all']['items'] == len(test_set)
     assert {k: report[k]['items'] for k in ('no position', 'position') if k in report} == {
         k: found.count(k) for k in set(found)}
+    statements = {k[len('statement: '):]: r['items'] for k, r in report.items() if k.startswith('statement: ')}
+    if task == 'nlvr':
+        assert statements == Counter(nlvr_statement_kind(item['sentence']) for item in test_set.ann)
+    else:
+        assert statements == {}
     # The same predictions as the task script's evaluator.
     loader = build_eval_loaders([test_set], 4, 0)[0]
     predict = script.make_predict_fn(tokenizer, torch.device('cpu'), 64, 'fp32')

@@ -293,6 +293,24 @@ def test_nlvr_counts_match_the_world(world):
     assert checked > 5
 
 
+def test_nlvr_statement_kinds_recover_each_statements_template(worlds):
+    # _nlvr_split makes item k from template k % 9 with labels alternating per round, so a reading that gives every
+    # statement its template finds each kind within one item of the others, with both labels within one.
+    for root in (worlds['a'], worlds['c']):
+        for split in ('train', 'dev', 'test'):
+            items = _load(root, f'nlvr_{split}.json')
+            kinds = Counter(tw.nlvr_statement_kind(it['sentence']) for it in items)
+            assert set(kinds) == set(tw.NLVR_STATEMENT_KINDS), (split, kinds)
+            assert max(kinds.values()) - min(kinds.values()) <= 1, (split, kinds)
+            for kind in kinds:
+                labels = Counter(it['label'] for it in items if tw.nlvr_statement_kind(it['sentence']) == kind)
+                assert abs(labels['True'] - labels['False']) <= 1, (split, kind, labels)
+    assert tw.nlvr_statement_kind('The left image has more red squares than the right image.') == 'more / fewer'
+    assert tw.nlvr_statement_kind('the left image shows exactly two circles') == 'count in one image'
+    with pytest.raises(ValueError, match='not a toy NLVR2 statement'):
+        tw.nlvr_statement_kind('the sky is blue')
+
+
 def _resolve(words, objs):
     """The object a definite description picks out ('the leftmost red circle', 'the square on the right'),
     None when nothing matches; asserts that it is unambiguous."""
