@@ -7,8 +7,8 @@ Runs a fine-tuned checkpoint over the split (default test) as VE.py / NLVR.py ev
 by whether the sentence places an object ("the red diamond is to the right of the big green object", "the
 leftmost object in the left image is a circle") or not, and by label. NLVR2's "left image" / "right image" name
 one of the two images, not a place, and do not count. NLVR2 is also split by what the statement asks
-("statement: more / fewer", ...; `dataset.toyworld.NLVR_STATEMENT_KINDS`). `--config` defaults to the config.yaml that the task script
-wrote beside the checkpoint.
+("statement: more / fewer", ...; `dataset.toyworld.NLVR_STATEMENT_KINDS`). `--config` defaults to the config.yaml
+that the task script wrote beside the checkpoint.
 """
 from __future__ import annotations
 

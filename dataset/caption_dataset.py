@@ -40,8 +40,7 @@ class pretrain_dataset(ImageDatasetBase, Dataset):
         self.max_words = max_words
         self.image_root = image_root
         self.allow_absolute_paths = allow_absolute_paths
-        self.mirror = mirror
-        self._init_bad_image_policy(skip_bad_images)
+        self._init_image_loading(skip_bad_images, mirror)
 
     def _load(self, index):
         ann = self.ann[index]
@@ -71,8 +70,7 @@ class re_train_dataset(ImageDatasetBase, Dataset):
         self.img_ids: dict = {}
         for ann in self.ann:
             self.img_ids.setdefault(ann['image_id'], len(self.img_ids))
-        self.mirror = mirror
-        self._init_bad_image_policy(skip_bad_images)
+        self._init_image_loading(skip_bad_images, mirror)
 
     def _load(self, index):
         ann = self.ann[index]
@@ -115,7 +113,7 @@ class re_eval_dataset(ImageDatasetBase, Dataset):
                 self.text.append(pre_caption(caption, self.max_words))
                 self.img2txt[img_id].append(txt_id)
                 self.txt2img[txt_id] = img_id
-        self._init_bad_image_policy(skip_bad_images)
+        self._init_image_loading(skip_bad_images)
 
     def _load(self, index):
         path = resolve_image_path(self.image_root, self.ann[index]['image'], self.allow_absolute_paths,

@@ -34,8 +34,7 @@ class grounding_dataset(ImageDatasetBase, Dataset):
         if mode == 'train':
             for ann in self.ann:
                 self.img_ids.setdefault(ann['image'].split('/')[-1], len(self.img_ids))
-        self.mirror = mirror
-        self._init_bad_image_policy(skip_bad_images)
+        self._init_image_loading(skip_bad_images, mirror)
 
     def _load(self, index):
         ann = self.ann[index]

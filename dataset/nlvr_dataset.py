@@ -31,7 +31,7 @@ class nlvr_dataset(ImageDatasetBase, Dataset):
         self.image_root = image_root
         self.max_words = max_words
         self.allow_absolute_paths = allow_absolute_paths
-        self._init_bad_image_policy(skip_bad_images)
+        self._init_image_loading(skip_bad_images)
 
     def _load(self, index):
         ann = self.ann[index]

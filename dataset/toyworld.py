@@ -1203,7 +1203,6 @@ def retrieval_ceiling(out: str, split: str = 'test', draws: int = 3000, seed: in
             'shared_captions': float(100.0 * np.mean(counts > 1))}
 
 
-
 def grounding_match_bound(out: str) -> dict:
     """Grounding accuracy (%) per split when the named object is found exactly whenever the expression singles it
     out by its attributes, and among look-alikes at chance when it singles it out by position.
@@ -1225,11 +1224,11 @@ def grounding_match_bound(out: str) -> dict:
             continue
         t = totals.setdefault(ref['split'], {'expressions': 0, 'positional': 0, 'bound': 0.0})
         for sent in ref['sentences']:
-            words = sent['sent'].lower().split()
             t['expressions'] += 1
             if not names_a_side(sent['sent']):
                 t['bound'] += 1.0
                 continue
+            words = sent['sent'].lower().split()
             look_alikes = [o for o in objects[ref['image_id']]
                            if all(o['colour'] == w for w in words if w in COLOUR_NAMES)
                            and all(o['shape'] == w for w in words if w in SHAPES)

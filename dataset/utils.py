@@ -285,7 +285,9 @@ class ImageDatasetBase:
     max_substitutions: int = 1000
     mirror = None  # training sets: a dataset.transforms.MirrorSwappingSides when augment.hflip is 'swap_sides'
 
-    def _init_bad_image_policy(self, skip_bad_images: bool) -> None:
+    def _init_image_loading(self, skip_bad_images: bool, mirror=None) -> None:
+        """Every dataset's constructor ends here: the bad-image policy and the text-keeping flip (or None)."""
+        self.mirror = mirror
         self.skip_bad_images = bool(skip_bad_images)
         self.num_skipped = 0
         self.bad_items: set[int] = set()

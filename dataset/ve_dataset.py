@@ -26,8 +26,7 @@ class ve_dataset(ImageDatasetBase, Dataset):
         self.max_words = max_words
         self.allow_absolute_paths = allow_absolute_paths
         self.labels = dict(LABELS)
-        self.mirror = mirror
-        self._init_bad_image_policy(skip_bad_images)
+        self._init_image_loading(skip_bad_images, mirror)
 
     def _load(self, index):
         ann = self.ann[index]

@@ -62,8 +62,7 @@ class vqa_dataset(ImageDatasetBase, Dataset):
         if split == 'test':
             self.answer_list = load_answer_list(answer_list)
             self.gt_answers = {ann['question_id']: ann['answer'] for ann in self.ann if 'answer' in ann}
-        self.mirror = mirror
-        self._init_bad_image_policy(skip_bad_images)
+        self._init_image_loading(skip_bad_images, mirror)
 
     def _load(self, index):
         ann = self.ann[index]
