@@ -177,6 +177,7 @@ class EngineConfig:
     print_freq: int = 50
     save_every_steps: int = 0      # also checkpoint mid-epoch every N optimizer steps (0: only at epoch ends)
     max_steps_per_epoch: int = 0   # 0: whole epoch (a small positive value is for smoke tests)
+    epoch_checkpoint_every: int = 1  # keep checkpoint_XX.pth every N epochs and of the last one (0: none)
 
 
 def _alpha_for(cfg: EngineConfig, epoch: int, i: int, n: int) -> float:
@@ -250,6 +251,10 @@ def _step_scheduler(scheduler, t: int, config: Mapping, last_record: Mapping) ->
                         f"({', '.join(sorted(last_record))})")
 
 
+def _keeps_epoch_checkpoint(every: int, epoch: int, num_epochs: int) -> bool:
+    return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == num_epochs)
+
+
 def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn: StepFn, config: Mapping,
         engine_cfg: EngineConfig, device: torch.device, output_dir: str, num_epochs: int,
         state: TrainState | None = None, evaluate_fn: Callable[[int], dict] | None = None,
@@ -257,8 +262,8 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
     """Train for `num_epochs`, evaluating after each epoch, logging one JSON line per epoch and checkpointing.
 
     Checkpoints: `checkpoint_last.pth` (resume point: every epoch end and every `save_every_steps`),
-    `checkpoint_XX.pth` per epoch when `save_epoch_checkpoints`, and `checkpoint_best.pth` whenever
-    `evaluate_fn(epoch)[best_metric]` improves.
+    `checkpoint_XX.pth` when `save_epoch_checkpoints` (every `epoch_checkpoint_every` epochs, and the last epoch),
+    and `checkpoint_best.pth` whenever `evaluate_fn(epoch)[best_metric]` improves.
     """
     state = state or TrainState()
     os.makedirs(output_dir, exist_ok=True)
@@ -302,7 +307,7 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
         if utils.is_main_process():
             utils.append_json_line(log_path, record)
         last_record = record
-        if save_epoch_checkpoints:
+        if save_epoch_checkpoints and _keeps_epoch_checkpoint(engine_cfg.epoch_checkpoint_every, epoch, num_epochs):
             save(state, f'checkpoint_{epoch:02d}.pth')
         if improved:
             save(state, 'checkpoint_best.pth')
@@ -401,7 +406,8 @@ def engine_config(config: Mapping, **overrides) -> EngineConfig:
                        warmup_steps=int(config['schedular'].get('warmup_epochs', 0)),
                        precision=config.get('precision', 'fp32'),
                        grad_accum_steps=int(config.get('grad_accum_steps', 1)),
-                       print_freq=int(config.get('print_freq', 50)))
+                       print_freq=int(config.get('print_freq', 50)),
+                       epoch_checkpoint_every=int(config.get('epoch_checkpoint_every', 1)))
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

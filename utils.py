@@ -339,6 +339,7 @@ CONFIG_SCHEMA: dict[str, tuple] = {
     'batch_size': (int,), 'batch_size_train': (int,), 'batch_size_test': (int,), 'k_test': (int,),
     'warm_up': (bool,), 'eval_ema': (bool,), 'precision': (str,), 'grad_accum_steps': (int,),
     'print_freq': (int,), 'itm_batch_size': (int,), 'score': (str,), 'ddp_bucket_cap_mb': _NUM,
+    'epoch_checkpoint_every': (int,),
     'optimizer': (dict,), 'schedular': (dict,), 'scheduler': (dict,),
 }
 OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay', 'momentum', 'opt_eps', 'opt_betas', 'opt_args',
@@ -350,6 +351,7 @@ POSITIVE_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vis
                      'queue_size', 'batch_size', 'batch_size_train', 'batch_size_test', 'k_test', 'max_words',
                      'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size', 'vision_init_std',
                      'attention_qk_init_std', 'ddp_bucket_cap_mb'}
+NON_NEGATIVE_KEYS = {'epoch_checkpoint_every'}
 UNIT_INTERVAL_KEYS = {'mlm_probability', 'momentum', 'alpha', 'itm_random_negatives'}  # shares and rates in [0, 1]
 CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc', 'itc'), 'patch_embed': ('linear', 'conv')}
 
@@ -423,6 +425,8 @@ def validate_config(config: Mapping, path: str = '<config>', required: Sequence[
                               f"got {type(value).__name__} {value!r}")
         if key in POSITIVE_KEYS and value <= 0:
             raise ConfigError(f"{path}: key '{key}' must be > 0, got {value}")
+        if key in NON_NEGATIVE_KEYS and value < 0:
+            raise ConfigError(f"{path}: key '{key}' must be >= 0, got {value}")
         if key in UNIT_INTERVAL_KEYS and not 0 <= value <= 1:
             raise ConfigError(f"{path}: key '{key}' must be in [0, 1], got {value}")
         if key in CHOICES and value not in CHOICES[key]:

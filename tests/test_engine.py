@@ -82,6 +82,21 @@ def test_fit_writes_log_and_checkpoints(tmp_path):
         'checkpoint_00.pth', 'checkpoint_01.pth', 'checkpoint_02.pth', 'checkpoint_last.pth']
 
 
+@pytest.mark.parametrize('every, kept', [(2, ['checkpoint_01.pth', 'checkpoint_02.pth']), (0, [])])
+def test_epoch_checkpoint_every_thins_the_per_epoch_files(tmp_path, every, kept):
+    model, opt, sched, epochs, loader = make_run()
+    fit(model, opt, sched, epochs, loader, tmp_path, epoch_checkpoint_every=every)
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith('.pth')) == kept + ['checkpoint_last.pth']
+    assert torch.load(tmp_path / 'checkpoint_last.pth', weights_only=True)['train_state']['epoch'] == 3
+
+
+def test_epoch_checkpoint_every_is_read_from_the_config_and_checked():
+    assert engine.engine_config({**CONFIG, 'epoch_checkpoint_every': 5}).epoch_checkpoint_every == 5
+    assert engine.engine_config(CONFIG).epoch_checkpoint_every == 1  # the original keeps every epoch
+    with pytest.raises(utils.ConfigError, match=r"c\.yaml: key 'epoch_checkpoint_every' must be >= 0, got -1"):
+        utils.validate_config({'epoch_checkpoint_every': -1}, 'c.yaml')
+
+
 class Crash(Exception):
     pass
 
