@@ -32,7 +32,9 @@ def toy_pretrain(toy_world, tmp_path_factory):
     """One toy pretraining shared by every learning test: returns its output folder (checkpoint_last.pth, log.txt).
 
     Concurrent pytest sessions on one machine share it through a cache keyed on the hash of everything the
-    result depends on (code, toy config, world arguments, torch version); a lock makes them wait for one run.
+    result depends on (code, toy config, world arguments, torch version); a lock makes them wait for one run, and
+    entries of older keys are deleted once no session holds them.
     """
     from tests.toy import pretrain_cached
-    return pretrain_cached(toy_world, str(tmp_path_factory.getbasetemp().parent / 'albef_toy_pretrain_cache'))
+    with pretrain_cached(toy_world, str(tmp_path_factory.getbasetemp().parent / 'albef_toy_pretrain_cache')) as out:
+        yield out

@@ -3,7 +3,9 @@
 `make_toy_config` rewrites a configs/toy/*.yaml so that its data paths point at a given toy world (tests use
 freshly seeded worlds in temp folders, not the demo's data/toyworld) and applies overrides.
 """
+import contextlib
 import os
+import shutil
 
 import utils
 
@@ -81,11 +83,15 @@ def _content_key(world_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def pretrain_cached(world_dir: str, cache_root: str) -> str:
+@contextlib.contextmanager
+def pretrain_cached(world_dir: str, cache_root: str):
     """Run the toy pretraining (after the world's supervised ViT it starts from, as `make demo` does) once per
-    content key (file-locked), returning its output folder."""
+    content key, yielding its output folder.
+
+    The entry stays share-locked while the caller uses it; entries of other keys that nobody holds (left by older
+    code) are deleted, so the cache keeps one pretraining per live key instead of one per commit ever tested.
+    """
     import fcntl
-    import shutil
     import Pretrain
     os.makedirs(cache_root, exist_ok=True)
     key = _content_key(world_dir)
@@ -99,7 +105,32 @@ def pretrain_cached(world_dir: str, cache_root: str) -> str:
             ensure_supervised_vit(world_dir, utils.load_config(cfg))
             Pretrain.main(['--config', cfg, '--output_dir', out, '--device', 'cpu', '--no-distributed'])
             open(os.path.join(out, 'DONE'), 'w').close()
-    return out
+        fcntl.flock(lock, fcntl.LOCK_SH)  # readers share it; a pruner (which needs it exclusively) skips it
+        prune_cache(cache_root, keep=key)
+        yield out
+
+
+def prune_cache(cache_root: str, keep: str) -> list[str]:
+    """Delete the cache entries (output folder and config) of keys other than `keep` that no process holds a lock
+    on; returns the keys deleted. The empty lock files stay, so that every process locks the same file."""
+    import fcntl
+    removed = []
+    for name in sorted(os.listdir(cache_root)):
+        if not name.endswith('.lock') or name[:-len('.lock')] == keep:
+            continue
+        stale = os.path.join(cache_root, name[:-len('.lock')])
+        if not os.path.exists(stale) and not os.path.exists(stale + '.yaml'):
+            continue
+        with open(stale + '.lock', 'a') as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use (being built or read) by another session
+            shutil.rmtree(stale, ignore_errors=True)
+            if os.path.exists(stale + '.yaml'):
+                os.remove(stale + '.yaml')
+        removed.append(name[:-len('.lock')])
+    return removed
 
 
 def free_port() -> int:
