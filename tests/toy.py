@@ -63,24 +63,25 @@ def generate_world(out_dir: str, seed: int, **sizes) -> str:
 
 
 def _content_key(world_dir: str) -> str:
-    """Hash of what a toy pretraining's result depends on: code, config, world manifest, library versions."""
+    """Cache key of a toy pretraining: '<world>-<code>', hashes of the world's generation arguments and of what
+    else the result depends on (code, config, library versions)."""
     import glob
     import hashlib
+    import json
     import torch
-    h = hashlib.sha256(torch.__version__.encode())
+    with open(os.path.join(world_dir, 'manifest.json')) as f:
+        manifest = json.load(f)
+    # The generation arguments fix the world's content (file hashes would also encode the folder it lives in).
+    world = hashlib.sha256(json.dumps([manifest['format_version'], manifest['args']], sort_keys=True).encode())
+    code = hashlib.sha256(torch.__version__.encode())
     files = sorted(glob.glob(os.path.join(ROOT, 'models', '*.py')) + glob.glob(os.path.join(ROOT, 'dataset', '*.py'))
                    + glob.glob(os.path.join(ROOT, 'optim', '*.py')) + glob.glob(os.path.join(ROOT, 'scheduler', '*.py'))
                    + [os.path.join(ROOT, n) for n in ('engine.py', 'utils.py', 'Pretrain.py')]
                    + [os.path.join(ROOT, 'configs', 'toy', n) for n in ('Pretrain.yaml', 'config_bert_toy.json')])
     for path in files:
         with open(path, 'rb') as f:
-            h.update(path[len(ROOT):].encode() + f.read())
-    import json
-    with open(os.path.join(world_dir, 'manifest.json')) as f:
-        manifest = json.load(f)
-    # The generation arguments fix the world's content (file hashes would also encode the folder it lives in).
-    h.update(json.dumps([manifest['format_version'], manifest['args']], sort_keys=True).encode())
-    return h.hexdigest()[:16]
+            code.update(path[len(ROOT):].encode() + f.read())
+    return f'{world.hexdigest()[:8]}-{code.hexdigest()[:16]}'
 
 
 @contextlib.contextmanager
@@ -88,8 +89,9 @@ def pretrain_cached(world_dir: str, cache_root: str):
     """Run the toy pretraining (after the world's supervised ViT it starts from, as `make demo` does) once per
     content key, yielding its output folder.
 
-    The entry stays share-locked while the caller uses it; entries of other keys that nobody holds (left by older
-    code) are deleted, so the cache keeps one pretraining per live key instead of one per commit ever tested.
+    The entry stays share-locked while the caller uses it; entries of the same world made by other code that
+    nobody holds are deleted, so the cache keeps one pretraining per world (TOY_SEED) instead of one per commit
+    ever tested.
     """
     import fcntl
     import Pretrain
@@ -111,14 +113,19 @@ def pretrain_cached(world_dir: str, cache_root: str):
 
 
 def prune_cache(cache_root: str, keep: str) -> list[str]:
-    """Delete the cache entries (output folder and config) of keys other than `keep` that no process holds a lock
-    on; returns the keys deleted. The empty lock files stay, so that every process locks the same file."""
+    """Delete the cache entries (output folder and config) of `keep`'s world with another code hash, and those of
+    keys without a world part (older layout), that no process holds a lock on; returns the keys deleted. The empty
+    lock files stay, so that every process locks the same file."""
     import fcntl
+    world = keep.split('-')[0]
     removed = []
     for name in sorted(os.listdir(cache_root)):
-        if not name.endswith('.lock') or name[:-len('.lock')] == keep:
+        if not name.endswith('.lock'):
             continue
-        stale = os.path.join(cache_root, name[:-len('.lock')])
+        key = name[:-len('.lock')]
+        if key == keep or ('-' in key and key.split('-')[0] != world):
+            continue
+        stale = os.path.join(cache_root, key)
         if not os.path.exists(stale) and not os.path.exists(stale + '.yaml'):
             continue
         with open(stale + '.lock', 'a') as lock:
@@ -129,7 +136,7 @@ def prune_cache(cache_root: str, keep: str) -> list[str]:
             shutil.rmtree(stale, ignore_errors=True)
             if os.path.exists(stale + '.yaml'):
                 os.remove(stale + '.yaml')
-        removed.append(name[:-len('.lock')])
+        removed.append(key)
     return removed
 
 
