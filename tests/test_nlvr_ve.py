@@ -317,7 +317,6 @@ def toy_ta(toy_world, toy_pretrain, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.goal
 def test_toy_ta_pretraining_loss_falls(toy_ta):
     out, losses = toy_ta
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
@@ -340,7 +339,6 @@ def test_toy_nlvr_learns(toy_world, toy_ta, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.goal
 def test_toy_ve_learns(toy_world, toy_pretrain, tmp_path):
     cfg = toy_config_epochs('VE', toy_world, str(tmp_path / 'VE.yaml'), TEST_EPOCHS['VE'])
     state = VE.main(run_args(cfg, tmp_path / 'out', '--checkpoint',
