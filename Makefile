@@ -21,8 +21,8 @@ $(STAMP): requirements.txt
 
 # `make test` runs everything but the fine-tuning learning tests marked `goal`: some of their "well above chance"
 # thresholds are not reached yet, the others not by a safe margin on two worlds (see README, "Status");
-# `make test-learning` runs them. Skip the slow ones too (the shared toy pretraining and the VQA fine-tune
-# on it, ~11 min): make test TEST_MARKS="not goal and not slow".
+# `make test-learning` runs them. Skip the slow ones too (the shared toy pretraining and the VQA, SNLI-VE and
+# text-assignment fine-tunes on it, ~11 min): make test TEST_MARKS="not goal and not slow".
 TEST_MARKS ?= not goal
 test: setup
 	$(PY) -m pytest -x -q -m "$(TEST_MARKS)" $(PYTEST_ARGS)
