@@ -12,7 +12,9 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# The venv takes about 6 GB (torch's CUDA build): say so up front rather than let pip fail with ENOSPC midway.
 $(STAMP): requirements.txt
+	@$(PYTHON) -c "import shutil; gb = shutil.disk_usage('.').free / 1e9; gb < 7 and print(f'warning: {gb:.1f} GB free here; installing requirements.txt into $(VENV) needs about 7 GB')"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
