@@ -4,6 +4,7 @@
 freshly seeded worlds in temp folders, not the demo's data/toyworld) and applies overrides.
 """
 import contextlib
+import fcntl
 import os
 import shutil
 
@@ -93,7 +94,6 @@ def pretrain_cached(world_dir: str, cache_root: str):
     nobody holds are deleted, so the cache keeps one pretraining per world (TOY_SEED) instead of one per commit
     ever tested.
     """
-    import fcntl
     import Pretrain
     os.makedirs(cache_root, exist_ok=True)
     key = _content_key(world_dir)
@@ -116,7 +116,6 @@ def prune_cache(cache_root: str, keep: str) -> list[str]:
     """Delete the cache entries (output folder and config) of `keep`'s world with another code hash, and those of
     keys without a world part (older layout), that no process holds a lock on; returns the keys deleted. The empty
     lock files stay, so that every process locks the same file."""
-    import fcntl
     world = keep.split('-')[0]
     removed = []
     for name in sorted(os.listdir(cache_root)):
