@@ -1,4 +1,5 @@
-"""ALBEF model variants. `create_model(task, config, tokenizer)` builds the random-initialised model of a task.
+"""ALBEF model variants. `create_model(task, config, tokenizer)` builds the random-initialised model of a task;
+`load_model(checkpoint)` loads any checkpoint for inference (models/inference.py).
 
 Weight loading is separate (models/pretrained.py, models/checkpoint.py); call `model.copy_params()` afterwards
 on variants with momentum copies.
@@ -27,13 +28,15 @@ def model_class(task):
     return importlib.import_module(TASK_MODULES[task]).ALBEF
 
 
-def create_model(task, config, tokenizer=None):
+def create_model(task, config, tokenizer=None, inference=False):
     """Build the task's ALBEF model from a config dict (sizes from config, random init).
+
+    `inference=True` leaves out what only training needs (momentum copies, feature queues): see `load_model`.
 
     `attention_qk_init_std` (optional) re-draws the query and key projections of every attention layer (ViT
     self-attention, BERT self- and cross-attention) with that std: see `init_attention_query_key`.
     """
-    model = model_class(task)(config, tokenizer)
+    model = model_class(task)(config, tokenizer, inference=inference)
     if config.get('attention_qk_init_std') is not None:
         init_attention_query_key(model, config['attention_qk_init_std'])
     return model
@@ -62,3 +65,9 @@ def init_attention_query_key(model, std):
             elif isinstance(module, BertSelfAttention):
                 for linear in (module.query, module.key):
                     trunc_normal_(linear.weight, std=std, a=-2 * std, b=2 * std)
+
+
+def load_model(checkpoint, **kwargs):
+    """Load a checkpoint (path or URL; released or ours) for inference: see `models.inference.load_model`."""
+    from models.inference import load_model as _load_model
+    return _load_model(checkpoint, **kwargs)

@@ -181,7 +181,7 @@ def read_checkpoint(source, *, allow_pickle: bool = False, check_hash: bool = Fa
                                   f'elsewhere and pass the local file, or place it at {cached}')
         try:
             return torch.hub.load_state_dict_from_url(source, map_location='cpu', check_hash=check_hash,
-                                                      weights_only=not allow_pickle, progress=False)
+                                                      weights_only=not allow_pickle, progress=True)
         except (urllib.error.URLError, OSError) as e:
             raise CheckpointError(f'cannot download checkpoint {source}: {e}') from None
         except RuntimeError as e:
@@ -510,9 +510,11 @@ def check_state_dict(state_dict: dict, target: Mapping, source_kind: str, varian
                 or (k in QUEUE_KEYS + ('queue_ptr',) and not source_has_momentum)):
             continue
         bad_missing.append(k)
+    model_has_queues = any(k in model_keys for k in QUEUE_KEYS)
     bad_unexpected = [k for k in unexpected
                       if not (_matches(k, pair_unexpected) or k.endswith('embeddings.position_ids')
-                              or (_is_momentum(k) and _module_of(k) not in model_modules))]
+                              or (_is_momentum(k) and _module_of(k) not in model_modules)
+                              or (k in QUEUE_KEYS + ('queue_ptr',) and not model_has_queues))]
     bad_shape = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
                  for k in sorted(ckpt_keys & model_keys) if tuple(state_dict[k].shape) != tuple(target[k].shape)]
     if bad_missing or bad_unexpected or bad_shape:

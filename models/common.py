@@ -78,10 +78,10 @@ class MomentumClassifier(MomentumMixin, nn.Module):
 
     num_classes: int
 
-    def __init__(self, config, tokenizer, build_text_encoder):
+    def __init__(self, config, tokenizer, build_text_encoder, inference=False):
         super().__init__()
         self.tokenizer = tokenizer
-        self.distill = config.get('distill', True)
+        self.distill = config.get('distill', True) and not inference
         self.momentum = config.get('momentum', 0.995)
         bert_config = build_text_config(config)
         width = bert_config.hidden_size
@@ -136,8 +136,12 @@ class ContrastiveMixin(MomentumMixin):
         """The BertModel inside a text encoder (the encoder itself unless a subclass says otherwise)."""
         return text_encoder
 
-    def _build_contrastive(self, config, bert_config, build_text_encoder, *, idx_queue=False):
-        """Create the ITC/ITM modules and queues on self; `idx_queue` adds retrieval's image-index queue."""
+    def _build_contrastive(self, config, bert_config, build_text_encoder, *, idx_queue=False, inference=False):
+        """Create the ITC/ITM modules and queues on self; `idx_queue` adds retrieval's image-index queue.
+
+        `inference` builds the online modules only (no feature queues, no momentum copies): about half the
+        memory, enough for encode_image / encode_text / itm_logits and Grad-CAM, not for training.
+        """
         embed_dim = config.get('embed_dim', 256)
         vision_width = config.get('vision_width', 768)
         text_width = bert_config.hidden_size
@@ -149,17 +153,22 @@ class ContrastiveMixin(MomentumMixin):
         self.queue_size = config.get('queue_size', 65536)
         self.momentum = config.get('momentum', 0.995)
         self.itm_random_negatives = config.get('itm_random_negatives', 0.0)  # see itm_negative_weights
-        self.register_buffer('image_queue', make_queue(embed_dim, self.queue_size))
-        self.register_buffer('text_queue', make_queue(embed_dim, self.queue_size))
-        if idx_queue:  # -100: no image yet, so an empty slot never counts as a positive
-            self.register_buffer('idx_queue', torch.full((1, self.queue_size), -100, dtype=torch.long))
-        self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
+        self.inference = inference
+        if not inference:
+            self.register_buffer('image_queue', make_queue(embed_dim, self.queue_size))
+            self.register_buffer('text_queue', make_queue(embed_dim, self.queue_size))
+            if idx_queue:  # -100: no image yet, so an empty slot never counts as a positive
+                self.register_buffer('idx_queue', torch.full((1, self.queue_size), -100, dtype=torch.long))
+            self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
 
         self.visual_encoder = build_vit(config)
         self.text_encoder = build_text_encoder(bert_config)
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
+        if inference:
+            self.model_pairs = []
+            return
 
         self.visual_encoder_m = build_vit(config)
         self.vision_proj_m = nn.Linear(vision_width, embed_dim)
@@ -201,6 +210,8 @@ class ContrastiveMixin(MomentumMixin):
         Returns (image_embeds_m, image_feat_m [B,D], image_feat_all [D,B+Q], text_feat_m [B,D],
         text_feat_all [D,B+Q]); the *_all are this batch's features (as fp32 columns) followed by the queue.
         """
+        if self.inference:
+            raise RuntimeError('this model was built for inference (no momentum copies or queues); it cannot train')
         self._momentum_update()  # before the momentum features of this step
         image_embeds_m = self.visual_encoder_m(image)
         image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)

@@ -15,8 +15,8 @@ class ALBEF(MomentumClassifier):
 
     num_classes = 2
 
-    def __init__(self, config, tokenizer=None):
-        super().__init__(config, tokenizer, build_nlvr_text_encoder)
+    def __init__(self, config, tokenizer=None, inference=False):
+        super().__init__(config, tokenizer, build_nlvr_text_encoder, inference)
 
     def multimodal_hidden(self, image, input_ids, attention_mask, momentum=False):
         """All text layers with cross-attention alternating over the two images -> [B, L, H]."""

@@ -12,11 +12,11 @@ from models.xbert import BertForMaskedLM
 class ALBEF(ContrastiveMixin, nn.Module):
     """Pretraining model; forward(image, input_ids, attention_mask, alpha) -> {'loss_mlm','loss_ita','loss_itm'}."""
 
-    def __init__(self, config, tokenizer):
+    def __init__(self, config, tokenizer, inference=False):
         super().__init__()
         self.tokenizer = require_tokenizer(tokenizer, 'model_pretrain')
         self.mlm_probability = config.get('mlm_probability', 0.15)
-        self._build_contrastive(config, build_text_config(config), BertForMaskedLM)
+        self._build_contrastive(config, build_text_config(config), BertForMaskedLM, inference=inference)
 
     @staticmethod
     def _bert(text_encoder):

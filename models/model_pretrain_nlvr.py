@@ -22,7 +22,7 @@ class ALBEF(MomentumMixin, nn.Module):
     exists (uniform API for loaders) and does nothing.
     """
 
-    def __init__(self, config, tokenizer=None):
+    def __init__(self, config, tokenizer=None, inference=False):  # no momentum copies either way
         super().__init__()
         self.tokenizer = tokenizer
         embed_dim = config.get('embed_dim', 256)

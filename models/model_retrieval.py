@@ -18,12 +18,12 @@ class ALBEF(ContrastiveMixin, nn.Module):
     momentum features) even when config['distill'] is False.
     """
 
-    def __init__(self, config, tokenizer=None):
+    def __init__(self, config, tokenizer=None, inference=False):
         super().__init__()
         self.tokenizer = tokenizer
         self.distill = config.get('distill', True)
         self._build_contrastive(config, build_text_config(config), partial(BertModel, add_pooling_layer=False),
-                                idx_queue=True)
+                                idx_queue=True, inference=inference)
 
     def forward(self, image, input_ids, attention_mask, idx, alpha=0.):
         image_embeds, image_feat = self.encode_image(image)

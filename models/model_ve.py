@@ -11,8 +11,8 @@ class ALBEF(MomentumClassifier):
 
     num_classes = 3
 
-    def __init__(self, config, tokenizer=None):
-        super().__init__(config, tokenizer, partial(BertModel, add_pooling_layer=False))
+    def __init__(self, config, tokenizer=None, inference=False):
+        super().__init__(config, tokenizer, partial(BertModel, add_pooling_layer=False), inference)
 
     def multimodal_hidden(self, image, input_ids, attention_mask, momentum=False):
         """All text layers, cross-attending to the image tokens -> [B, L, H]."""

@@ -20,10 +20,10 @@ class ALBEF(MomentumMixin, nn.Module):
     to the question states.
     """
 
-    def __init__(self, config, tokenizer=None):
+    def __init__(self, config, tokenizer=None, inference=False):
         super().__init__()
         self.tokenizer = tokenizer
-        self.distill = config.get('distill', True)
+        self.distill = config.get('distill', True) and not inference  # inference: no momentum copies
         self.momentum = config.get('momentum', 0.995)
         encoder_config = build_text_config(config)
         decoder_config = build_text_config(config, fusion_layer=0,
