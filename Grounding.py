@@ -25,6 +25,9 @@ from Retrieval import make_step_fn  # grounding trains exactly like retrieval (i
 
 REQUIRED = ['train_file', 'test_file', 'image_root', 'refcoco_data', 'det_file', 'bert_config', 'image_res',
             'batch_size', 'optimizer', 'schedular']
+# Grounding trains like retrieval: ITM draws the negative of each pair from the rest of the batch.
+MIN_BATCH = {'batch_size': (2, 'for grounding training (ITM draws the negatives of each pair from the rest of the '
+                               'batch)')}
 
 
 def get_args_parser():
@@ -39,14 +42,15 @@ def get_args_parser():
                         help="sentence map = token maps averaged over real tokens, or over all padded positions "
                              "('padded', the original)")
     parser.add_argument('--evaluate', action='store_true', help='only evaluate --checkpoint')
-    return parser
+    return utils.one_line_errors(parser)
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    config, device = utils.prepare_run(args, required=REQUIRED, evaluate=args.evaluate)
     if args.evaluate and not args.checkpoint:
         raise utils.UserError('--evaluate needs --checkpoint (a grounding, retrieval or pretraining checkpoint)')
+    config, device = utils.prepare_run(args, required=REQUIRED, evaluate=args.evaluate,
+                                       minimums={} if args.evaluate else MIN_BATCH)
     tokenizer = engine.build_tokenizer(config)
     train_ds, test_ds = create_dataset('grounding', config)
     from refTools.refer import REFER

@@ -23,7 +23,8 @@ CLASS_NAMES = ('False', 'True')  # label 0 / 1 of nlvr_dataset
 
 
 def get_args_parser():
-    return classification.get_args_parser('ALBEF NLVR2', './configs/NLVR.yaml', 'output/NLVR', 'NLVR')
+    return utils.one_line_errors(classification.get_args_parser('ALBEF NLVR2', './configs/NLVR.yaml', 'output/NLVR',
+                                                                 'NLVR'))
 
 
 def _inputs(batch, tokenizer, device, max_tokens):

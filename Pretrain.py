@@ -13,10 +13,14 @@ from dataset import create_dataset
 from dataset.resumable import build_train_loader
 
 
+# ITM draws the negative of each pair from the other pairs of the batch (so does ITC's in-batch contrast).
+MIN_BATCH = {'batch_size': (2, 'for pretraining (ITM draws the negatives of each pair from the rest of the batch)')}
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser('ALBEF pretraining', parents=[
         utils.get_parent_parser('./configs/Pretrain.yaml', 'output/Pretrain')])
-    return parser
+    return utils.one_line_errors(parser)
 
 
 def make_step_fn(tokenizer, device, max_tokens=25, pass_alpha=True):
@@ -37,7 +41,7 @@ def make_step_fn(tokenizer, device, max_tokens=25, pass_alpha=True):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     config, device = utils.prepare_run(args, required=['train_file', 'bert_config', 'image_res', 'batch_size',
-                                                       'optimizer', 'schedular'])
+                                                       'optimizer', 'schedular'], minimums=MIN_BATCH)
     tokenizer = engine.build_tokenizer(config)
     dataset = create_dataset('pretrain', config)
     loader = build_train_loader(dataset, config['batch_size'], config.get('num_workers', 4), args.seed)

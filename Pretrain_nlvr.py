@@ -23,7 +23,7 @@ MIN_BATCH = 3  # the "neither" label needs two images other than the caption's o
 def get_args_parser():
     parser = argparse.ArgumentParser('ALBEF TA pretraining for NLVR2', parents=[
         utils.get_parent_parser('./configs/NLVR_pretrain.yaml', 'output/NLVR_pretrain')])
-    return parser
+    return utils.one_line_errors(parser)
 
 
 def make_step_fn(tokenizer, device, max_tokens=25):
@@ -33,11 +33,9 @@ def make_step_fn(tokenizer, device, max_tokens=25):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    config, device = utils.prepare_run(args, required=['train_file', 'bert_config', 'image_res', 'batch_size',
-                                                       'optimizer', 'schedular'])
-    if config['batch_size'] < MIN_BATCH:
-        raise utils.ConfigError(f"{args.config}: key 'batch_size' must be >= {MIN_BATCH} for TA pretraining "
-                                f"(a pair of two other images is drawn per caption), got {config['batch_size']}")
+    config, device = utils.prepare_run(
+        args, required=['train_file', 'bert_config', 'image_res', 'batch_size', 'optimizer', 'schedular'],
+        minimums={'batch_size': (MIN_BATCH, 'for TA pretraining (a pair of two other images is drawn per caption)')})
     tokenizer = engine.build_tokenizer(config)
     dataset = create_dataset('nlvr_pretrain', config)
     loader = build_train_loader(dataset, config['batch_size'], config.get('num_workers', 4), args.seed)

@@ -24,6 +24,9 @@ from dataset.resumable import build_train_loader
 from evaluation.retrieval import IMAGE_STATE_PLACES, SCORE_MODES, RetrievalEvaluator
 
 TRAIN_MAX_TOKENS = 30
+# ITM draws the negative of each pair from the other pairs (of other images) of the batch.
+MIN_BATCH = {'batch_size_train': (2, 'for retrieval training (ITM draws the negatives of each pair from the rest of '
+                                     'the batch)')}
 
 
 def get_args_parser():
@@ -33,14 +36,15 @@ def get_args_parser():
     parser.add_argument('--score', choices=SCORE_MODES, default=None,
                         help="ranking score (default: config 'score', else itm): itm = ITM logit of the top-k "
                              "(ALBEF), itm+itc = logit + ITC similarity (BLIP), itc = similarity only (zero-shot)")
-    parser.add_argument('--k_test', type=int, default=None, help="candidates re-ranked per query (config k_test)")
-    parser.add_argument('--itm_batch_size', type=int, default=None,
+    parser.add_argument('--k_test', type=utils.config_flag('k_test'), default=None,
+                        help="candidates re-ranked per query (config k_test)")
+    parser.add_argument('--itm_batch_size', type=utils.config_flag('itm_batch_size'), default=None,
                         help='(image, text) pairs per fusion call in evaluation (config itm_batch_size, else 1024)')
     parser.add_argument('--image_states', choices=IMAGE_STATE_PLACES, default='auto',
                         help='where evaluation keeps the ViT states: device, cpu (offload), auto (cpu if large)')
     parser.add_argument('--eval_impl', choices=['fast', 'reference'], default='fast',
                         help='re-ranking implementation (same scores; reference = per-query loop of the original)')
-    return parser
+    return utils.one_line_errors(parser)
 
 
 def make_step_fn(tokenizer, device, max_tokens=TRAIN_MAX_TOKENS, position_limit=None):
@@ -82,12 +86,12 @@ def main(argv=None):
     for key in ('score', 'k_test', 'itm_batch_size'):  # flags override the config (validated with it)
         if getattr(args, key) is not None:
             args.opt.append(f'{key}={getattr(args, key)}')
-    config, device = utils.prepare_run(args, evaluate=args.evaluate, required=[
-        'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size_train',
-        'batch_size_test', 'k_test', 'optimizer', 'schedular'])
     if args.evaluate and not args.checkpoint:
         raise utils.UserError('--evaluate needs --checkpoint (a retrieval, or for --score itc a pretraining, '
                               'checkpoint)')
+    config, device = utils.prepare_run(args, evaluate=args.evaluate, required=[
+        'train_file', 'val_file', 'test_file', 'image_root', 'bert_config', 'image_res', 'batch_size_train',
+        'batch_size_test', 'k_test', 'optimizer', 'schedular'], minimums={} if args.evaluate else MIN_BATCH)
     tokenizer = engine.build_tokenizer(config)
     train_set, val_set, test_set = create_dataset('re', config)
     check_image_ids(train_set)

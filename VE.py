@@ -21,7 +21,8 @@ CLASS_NAMES = tuple(sorted(LABELS, key=LABELS.get))  # contradiction 0, neutral 
 
 
 def get_args_parser():
-    return classification.get_args_parser('ALBEF SNLI-VE', './configs/VE.yaml', 'output/VE', 'VE')
+    return utils.one_line_errors(classification.get_args_parser('ALBEF SNLI-VE', './configs/VE.yaml', 'output/VE',
+                                                                 'VE'))
 
 
 def _inputs(batch, tokenizer, device, max_tokens):

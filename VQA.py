@@ -37,12 +37,13 @@ def get_args_parser():
                         help='only answer the test split with --checkpoint (a fine-tuned VQA checkpoint)')
     parser.add_argument('--text_decoder', default=None,
                         help='BERT weights for the answer decoder when no --checkpoint is given (default: config)')
-    parser.add_argument('--test_annotations', default=None,
+    parser.add_argument('--test_annotations', default=None, type=utils.input_file,
                         help='official VQA annotation file of the test split, to compute accuracy')
-    parser.add_argument('--test_questions', default=None, help='official VQA question file of the test split')
+    parser.add_argument('--test_questions', default=None, type=utils.input_file,
+                        help='official VQA question file of the test split')
     parser.add_argument('--eval_every_epoch', action='store_true',
                         help='answer (and score) the test split after every epoch, not only after the last')
-    return parser
+    return utils.one_line_errors(parser)
 
 
 def make_step_fn(tokenizer, device, answer_tokens=None):
@@ -64,11 +65,11 @@ def make_step_fn(tokenizer, device, answer_tokens=None):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    config, device = utils.prepare_run(args, evaluate=args.evaluate, required=[
+    if (args.test_annotations is None) != (args.test_questions is None):  # checked again by VQAEvaluator
+        raise utils.UserError('give both --test_annotations and --test_questions (official VQA files), or neither')
+    config, device = utils.prepare_run(args, evaluate=args.evaluate, required=[  # (sets --text_decoder too)
         'train_file', 'test_file', 'answer_list', 'vqa_root', 'bert_config', 'image_res', 'batch_size_train',
         'batch_size_test', 'optimizer', 'schedular'])
-    if args.text_decoder:
-        config['text_decoder'] = args.text_decoder
     tokenizer = engine.build_tokenizer(config)
     train_set, test_set = create_dataset('vqa', config)
     check_question_ids(test_set)

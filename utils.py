@@ -315,45 +315,139 @@ class MetricLogger:
 # ----------------------------------------------------------------------------------------------------------------
 # Config loading and validation
 # ----------------------------------------------------------------------------------------------------------------
-_STR_OR_LIST = (str, list)
 _NUM = (int, float)
+_NONE = type(None)
+_MEMORY = 'larger would not fit in memory'
 
-# Every top-level key a config may hold, with its accepted types. Keys from the original ALBEF configs plus our
-# additions (whose defaults, applied where they are read, reproduce the original).
-CONFIG_SCHEMA: dict[str, tuple] = {
+
+class Spec(tuple):
+    """What a config key accepts: its types (the tuple itself, so `isinstance(value, spec)` works and iterating it
+    gives the types) and, for numbers, their range, declared once beside the type.
+
+    `lo` / `hi` bound the meaningful values (`lo_open` / `hi_open`: the bound itself is excluded); `cap` is a
+    sanity limit on a size (`why` says what goes wrong above it); `items` is the Spec of a list's entries and
+    `choices` the accepted values.
+    """
+
+    def __new__(cls, types, lo=None, hi=None, *, lo_open=False, hi_open=False, cap=None, why=_MEMORY, items=None,
+                choices=None):
+        self = super().__new__(cls, types if isinstance(types, tuple) else (types,))
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.cap, self.why, self.items, self.choices = cap, why, items, choices
+        return self
+
+    def range_text(self) -> str:
+        """'> 0', '>= 0', 'in [0, 1]', 'in [0, 1)' ... ('' when unbounded)."""
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return ''
+
+    def problem(self, value) -> str | None:
+        """What is wrong with `value` ('must be ..., got ...'), or None when it fits."""
+        # bool is an int subclass: 'image_res: true' must not pass as an int.
+        if not isinstance(value, self) or (isinstance(value, bool) and bool not in self and int in self):
+            return f'must be {_type_names(self)}, got {type(value).__name__} {value!r}'
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        if isinstance(value, _NUM) and not isinstance(value, bool):
+            if isinstance(value, float) and not np.isfinite(value):
+                return f'must be a finite number, got {value}'
+            low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+            high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+            if low or high:
+                return f'must be {self.range_text()}, got {value}'
+            if self.cap is not None and value > self.cap:
+                return f'must be <= {self.cap} ({self.why}), got {value}'
+        if isinstance(value, list) and self.items is not None:
+            for i, item in enumerate(value):
+                found = self.items.problem(item)
+                if found is not None:
+                    return f'entry {i} {found}'
+        return None
+
+
+def _size(cap, why=_MEMORY) -> Spec:
+    """An integer size: > 0 and at most `cap`."""
+    return Spec((int,), 0, lo_open=True, cap=cap, why=why)
+
+
+_FILES = Spec((str, list), items=Spec((str,)))
+_SHARE = Spec(_NUM, 0, 1)                         # shares and rates in [0, 1]
+_RATE = Spec(_NUM + (_NONE,), 0)                  # learning rates, weight decay: >= 0 (null: the default)
+
+# Every top-level key a config may hold, with its accepted types and range. Keys from the original ALBEF configs
+# plus our additions (whose defaults, applied where they are read, reproduce the original). The caps on sizes are
+# far above any real model (ViT-g is 1408 wide, the original queue holds 65536) and far below what would make the
+# run die in an allocation minutes later.
+CONFIG_SCHEMA: dict[str, Spec] = {
     # data
-    'train_file': _STR_OR_LIST, 'val_file': _STR_OR_LIST, 'test_file': _STR_OR_LIST,
-    'image_root': (str,), 'vqa_root': (str,), 'vg_root': (str,), 'answer_list': (str,),
-    'refcoco_data': (str,), 'det_file': (str,), 'coco_file': (str,), 'eos': (str,),
-    'max_words': (int,), 'augment': (dict,), 'skip_bad_images': (bool,), 'allow_absolute_paths': (bool,), 'num_workers': (int,),
+    'train_file': _FILES, 'val_file': _FILES, 'test_file': _FILES,
+    'image_root': Spec((str,)), 'vqa_root': Spec((str,)), 'vg_root': Spec((str,)), 'answer_list': Spec((str,)),
+    'refcoco_data': Spec((str,)), 'det_file': Spec((str,)), 'coco_file': Spec((str,)), 'eos': Spec((str,)),
+    'max_words': _size(65536), 'augment': Spec((dict,)), 'skip_bad_images': Spec((bool,)),
+    'allow_absolute_paths': Spec((bool,)),
+    'num_workers': Spec((int,), 0, cap=256, why='each worker is a process holding a copy of the dataset'),
     # model
-    'bert_config': (str, dict), 'image_res': (int,), 'patch_size': (int,), 'vision_width': (int,),
-    'vision_depth': (int,), 'vision_num_heads': (int,), 'mlp_ratio': _NUM, 'embed_dim': (int,),
-    'vision_init_std': _NUM, 'attention_qk_init_std': _NUM, 'patch_embed': (str,),
-    'temp': _NUM, 'learn_temp': (bool,), 'mlm_probability': _NUM, 'itm_random_negatives': _NUM,
-    'queue_size': (int,), 'momentum': _NUM, 'alpha': _NUM,
-    'distill': (bool,), 'vqa_decoder_layers': (int,), 'grad_checkpointing': (bool, list),
-    'text_encoder': (str,), 'text_decoder': (str,), 'load_text_weights': (bool,), 'vision_pretrained': (str, type(None)),
-    'freeze_vision': (bool,),
+    'bert_config': Spec((str, dict)), 'image_res': _size(4096), 'patch_size': _size(1024),
+    'vision_width': _size(16384), 'vision_depth': _size(256), 'vision_num_heads': _size(1024),
+    'mlp_ratio': Spec(_NUM, 0, lo_open=True, cap=64), 'embed_dim': _size(16384),
+    'vision_init_std': Spec(_NUM, 0, lo_open=True), 'attention_qk_init_std': Spec(_NUM, 0, lo_open=True),
+    'patch_embed': Spec((str,), choices=('linear', 'conv')),
+    'temp': Spec(_NUM, 0, 1, lo_open=True), 'learn_temp': Spec((bool,)), 'mlm_probability': _SHARE,
+    'itm_random_negatives': _SHARE, 'queue_size': _size(1 << 20), 'momentum': _SHARE, 'alpha': _SHARE,
+    'distill': Spec((bool,)), 'vqa_decoder_layers': _size(256), 'grad_checkpointing': Spec((bool, list)),
+    'text_encoder': Spec((str,)), 'text_decoder': Spec((str,)), 'load_text_weights': Spec((bool,)),
+    'vision_pretrained': Spec((str, _NONE)), 'freeze_vision': Spec((bool,)),
     # training / evaluation
-    'batch_size': (int,), 'batch_size_train': (int,), 'batch_size_test': (int,), 'k_test': (int,),
-    'warm_up': (bool,), 'eval_ema': (bool,), 'precision': (str,), 'grad_accum_steps': (int,),
-    'print_freq': (int,), 'itm_batch_size': (int,), 'score': (str,), 'ddp_bucket_cap_mb': _NUM,
-    'epoch_checkpoint_every': (int,),
-    'optimizer': (dict,), 'schedular': (dict,), 'scheduler': (dict,),
+    'batch_size': _size(65536), 'batch_size_train': _size(65536), 'batch_size_test': _size(65536),
+    'k_test': _size(65536), 'warm_up': Spec((bool,)), 'eval_ema': Spec((bool,)),
+    'precision': Spec((str,), choices=('fp32', 'bf16', 'fp16')), 'grad_accum_steps': _size(65536),
+    'print_freq': Spec((int,), 0, lo_open=True), 'itm_batch_size': _size(1 << 20),
+    'score': Spec((str,), choices=('itm', 'itm+itc', 'itc')),
+    'ddp_bucket_cap_mb': Spec(_NUM, 0, lo_open=True, cap=65536), 'epoch_checkpoint_every': Spec((int,), 0),
+    'optimizer': Spec((dict,)), 'schedular': Spec((dict,)), 'scheduler': Spec((dict,)),
 }
-OPTIMIZER_KEYS = {'opt', 'lr', 'weight_decay', 'momentum', 'opt_eps', 'opt_betas', 'opt_args',
-                  'filter_bias_and_bn'}
-SCHEDULER_KEYS = {'sched', 'lr', 'epochs', 'min_lr', 'decay_rate', 'warmup_lr', 'warmup_epochs',
-                  'cooldown_epochs', 'decay_epochs', 'patience_epochs', 'eval_metric', 'lr_noise',
-                  'lr_noise_pct', 'lr_noise_std', 'lr_cycle_mul', 'lr_cycle_limit', 'seed'}
-POSITIVE_KEYS = {'image_res', 'patch_size', 'vision_width', 'vision_depth', 'vision_num_heads', 'embed_dim',
-                     'queue_size', 'batch_size', 'batch_size_train', 'batch_size_test', 'k_test', 'max_words',
-                     'vqa_decoder_layers', 'grad_accum_steps', 'print_freq', 'itm_batch_size', 'vision_init_std',
-                     'attention_qk_init_std', 'ddp_bucket_cap_mb'}
-NON_NEGATIVE_KEYS = {'epoch_checkpoint_every'}
-UNIT_INTERVAL_KEYS = {'mlm_probability', 'momentum', 'alpha', 'itm_random_negatives'}  # shares and rates in [0, 1]
-CHOICES = {'precision': ('fp32', 'bf16', 'fp16'), 'score': ('itm', 'itm+itc', 'itc'), 'patch_embed': ('linear', 'conv')}
+# The blocks' keys (the optimizer's and scheduler's arguments; their factories apply the defaults).
+OPTIMIZER_SCHEMA: dict[str, Spec] = {
+    'opt': Spec((str,)), 'lr': _RATE, 'weight_decay': _RATE, 'momentum': Spec(_NUM + (_NONE,), 0, 1),
+    'opt_eps': Spec(_NUM + (_NONE,), 0), 'opt_betas': Spec((list,), items=Spec(_NUM, 0, 1, hi_open=True)),
+    'opt_args': Spec((dict, _NONE)), 'filter_bias_and_bn': Spec((bool,)),
+}
+SCHEDULER_SCHEMA: dict[str, Spec] = {
+    'sched': Spec((str,)), 'lr': _RATE, 'epochs': Spec(_NUM, 0, lo_open=True), 'min_lr': _RATE,
+    'decay_rate': Spec(_NUM, 0), 'warmup_lr': _RATE, 'warmup_epochs': Spec(_NUM, 0), 'cooldown_epochs': Spec(_NUM, 0),
+    'decay_epochs': Spec(_NUM, 0, lo_open=True), 'patience_epochs': Spec((int,), 0), 'eval_metric': Spec((str,)),
+    'lr_noise': Spec(_NUM + (list, _NONE), 0, items=Spec(_NUM, 0)), 'lr_noise_pct': Spec(_NUM, 0),
+    'lr_noise_std': Spec(_NUM, 0), 'lr_cycle_mul': Spec(_NUM, 0, lo_open=True),
+    'lr_cycle_limit': Spec((int,), 1), 'seed': Spec((int,)),
+}
+# The BERT config (`bert_config`: inline, or a JSON file): only the keys ALBEF builds from are checked; others
+# (architectures, model_type, ...) pass through to transformers' BertConfig.
+BERT_SCHEMA: dict[str, Spec] = {
+    'hidden_size': _size(16384), 'num_attention_heads': _size(1024), 'num_hidden_layers': _size(256),
+    'intermediate_size': _size(65536), 'vocab_size': _size(1 << 21), 'max_position_embeddings': _size(65536),
+    'type_vocab_size': _size(1024), 'encoder_width': _size(16384), 'fusion_layer': Spec((int,), 0),
+    'hidden_dropout_prob': _SHARE, 'attention_probs_dropout_prob': _SHARE,
+    'layer_norm_eps': Spec(_NUM, 0, lo_open=True), 'initializer_range': Spec(_NUM, 0),
+}
+OPTIMIZER_KEYS = set(OPTIMIZER_SCHEMA)
+SCHEDULER_KEYS = set(SCHEDULER_SCHEMA)
+# Defaults the models apply when a key is absent (models/vit.py, models/common.py, BertConfig), for the checks
+# that relate keys to each other.
+MODEL_DEFAULTS = {'patch_size': 16, 'vision_width': 768, 'vision_num_heads': 12, 'embed_dim': 256,
+                  'queue_size': 65536}
+BERT_DEFAULTS = {'hidden_size': 768, 'num_attention_heads': 12, 'num_hidden_layers': 12}
+MAX_QUEUE_FLOATS = 1 << 28  # queue_size * embed_dim: 1 GiB per fp32 queue (the original's is 64 MiB)
+
+# Bounds on the work of reading a config, which may come from anywhere: a few KB of YAML whose aliases repeat each
+# other ("billion laughs") would otherwise expand to billions of values. Real configs hold a few hundred values.
+MAX_CONFIG_BYTES = 4 << 20
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 32
 
 
 def _type_names(types: tuple) -> str:
@@ -365,13 +459,17 @@ def _suggest(key: str, known: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
-def _check_block(path: str, block_name: str, block: dict, known: set, required: Sequence[str]) -> None:
+def _check_block(path: str, block_name: str, block: dict, schema: Mapping[str, Spec], required: Sequence[str]) -> None:
     for key in block:
-        if key not in known:
-            raise ConfigError(f"{path}: unknown key '{block_name}.{key}'{_suggest(str(key), known)}")
+        if key not in schema:
+            raise ConfigError(f"{path}: unknown key '{block_name}.{key}'{_suggest(str(key), schema)}")
     for key in required:
         if key not in block:
             raise ConfigError(f"{path}: missing required key '{block_name}.{key}'")
+    for key, value in block.items():
+        found = schema[key].problem(value)
+        if found is not None:
+            raise ConfigError(f"{path}: key '{block_name}.{key}' {found}")
 
 
 def _check_augment(path: str, block: Mapping) -> None:
@@ -392,70 +490,176 @@ def _check_augment(path: str, block: Mapping) -> None:
                               f"known ops: {', '.join(OPS)}")
 
 
-def _first_non_finite(path: str, value, key: str = '', ancestors: tuple = ()) -> tuple[str, float] | None:
-    """(dotted key, value) of the first NaN or infinite number anywhere in a config, or None.
+def _walk(path: str, config) -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) of every value in a config, depth first in file order; bounded work.
 
-    A list or mapping that contains itself (a recursive YAML alias) is a ConfigError: no config key takes one.
+    A list or mapping that contains itself (a recursive YAML alias), more than MAX_CONFIG_VALUES values in all or
+    more than MAX_CONFIG_DEPTH levels of nesting are ConfigErrors (no config needs them; walking them would not end
+    or take minutes).
     """
-    if isinstance(value, float) and not np.isfinite(value):
-        return key, value
-    if not isinstance(value, (Mapping, list)):
+    stack: list = [('', config, ())]
+    count = 0
+    while stack:
+        key, value, ancestors = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f'{path}: the config holds more than {MAX_CONFIG_VALUES} values (YAML aliases that '
+                              f'repeat each other?); a config needs a few hundred')
+        if isinstance(value, (Mapping, list)):
+            if any(value is a for a in ancestors):
+                raise ConfigError(f"{path}: key '{key}' contains itself (a recursive YAML alias)")
+            if len(ancestors) >= MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{path}: key '{key}' is nested more than {MAX_CONFIG_DEPTH} levels deep")
+            if len(value) > MAX_CONFIG_VALUES:
+                raise ConfigError(f"{path}: key '{key}' holds {len(value)} values, more than the "
+                                  f'{MAX_CONFIG_VALUES} a config may hold')
+            children = list(value.items() if isinstance(value, Mapping) else enumerate(value))
+            for k, v in reversed(children):
+                stack.append((f'{key}.{k}' if key else str(k), v, ancestors + (value,)))
+        yield key, value
+
+
+def _read_limited(path: str, what: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; a FIFO, a device or a directory is refused without
+    blocking on it (opened non-blocking, checked with fstat). `what` names the file in the errors."""
+    import stat
+    flags = os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_NOCTTY', 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ConfigError(f'{what} not found: {path}') from None
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read the {what} ({e.strerror or e})') from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ('a directory' if stat.S_ISDIR(mode) else 'a FIFO (named pipe)' if stat.S_ISFIFO(mode) else
+                    'a character device' if stat.S_ISCHR(mode) else 'a block device' if stat.S_ISBLK(mode) else
+                    'a socket' if stat.S_ISSOCK(mode) else 'not a regular file')
+            raise ConfigError(f'{path}: the {what} is {kind}, not a regular file')
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b''.join(chunks)
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read the {what} ({e.strerror or e})') from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError(f'{path}: the {what} is larger than {limit >> 20} MiB; a config is a few KB')
+    return data
+
+
+def _load_bert_json(path: str, bert_path: str) -> Mapping | None:
+    """The BERT config JSON named by `bert_config`, for its checks; None when it is not there (the model build
+    reports a missing file)."""
+    if not os.path.exists(bert_path):
         return None
-    if any(value is a for a in ancestors):
-        raise ConfigError(f"{path}: key '{key}' contains itself (a recursive YAML alias)")
-    children = value.items() if isinstance(value, Mapping) else enumerate(value)
-    for k, v in children:
-        found = _first_non_finite(path, v, f'{key}.{k}' if key else str(k), ancestors + (value,))
-        if found is not None:
-            return found
-    return None
+    try:
+        data = _read_limited(bert_path, 'bert_config file')
+    except ConfigError as e:
+        raise ConfigError(f"{path}: key 'bert_config': {e}") from None
+    try:
+        value = json.loads(data.decode('utf-8'))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: key 'bert_config': {bert_path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: key 'bert_config': {bert_path} must hold a JSON object, got "
+                          f'{type(value).__name__}')
+    return value
 
 
-def validate_config(config: Mapping, path: str = '<config>', required: Sequence[str] = ()) -> None:
-    """Check keys, types and value ranges; raise ConfigError naming the file and the key."""
-    if not isinstance(config, Mapping):
-        raise ConfigError(f'{path}: top level must be a mapping of keys to values, got {type(config).__name__}')
-    for key, value in config.items():
-        if key not in CONFIG_SCHEMA:
-            raise ConfigError(f"{path}: unknown key '{key}'{_suggest(str(key), CONFIG_SCHEMA)}")
-        types = CONFIG_SCHEMA[key]
-        # bool is an int subclass: 'image_res: true' must not pass as an int.
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ConfigError(f"{path}: key '{key}' must be {_type_names(types)}, "
-                              f"got {type(value).__name__} {value!r}")
-        if key in POSITIVE_KEYS and value <= 0:
-            raise ConfigError(f"{path}: key '{key}' must be > 0, got {value}")
-        if key in NON_NEGATIVE_KEYS and value < 0:
-            raise ConfigError(f"{path}: key '{key}' must be >= 0, got {value}")
-        if key in UNIT_INTERVAL_KEYS and not 0 <= value <= 1:
-            raise ConfigError(f"{path}: key '{key}' must be in [0, 1], got {value}")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"{path}: key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
-    for key in required:
-        if key not in config:
-            raise ConfigError(f"{path}: missing required key '{key}'")
-    if 'optimizer' in config:
-        _check_block(path, 'optimizer', config['optimizer'], OPTIMIZER_KEYS, ('opt', 'lr'))
-    for name in ('schedular', 'scheduler'):
-        if name in config:
-            _check_block(path, name, config[name], SCHEDULER_KEYS, ('sched', 'epochs'))
-    if 'schedular' in config and 'scheduler' in config:
-        raise ConfigError(f"{path}: give either 'schedular' (original spelling) or 'scheduler', not both")
-    if 'augment' in config:
-        _check_block(path, 'augment', config['augment'], {'crop_min_scale', 'hflip', 'randaug_ops'}, ())
-        _check_augment(path, config['augment'])
-    bad_number = _first_non_finite(path, config)
-    if bad_number is not None:
-        raise ConfigError(f"{path}: key '{bad_number[0]}' must be a finite number, got {bad_number[1]}")
-    if isinstance(config.get('grad_checkpointing'), list):
-        bad = [x for x in config['grad_checkpointing'] if x not in ('vision', 'text')]
-        if bad:
-            raise ConfigError(f"{path}: key 'grad_checkpointing' entries must be 'vision' or 'text', got {bad}")
+def _check_bert(path: str, config: Mapping) -> None:
+    """Types, ranges and shape of the BERT config (inline dict, or the JSON file it names)."""
+    raw = config['bert_config']
+    if isinstance(raw, dict):
+        bert, where = raw, f"{path}: key 'bert_config."
+    else:
+        bert, where = _load_bert_json(path, raw), f"{path}: bert_config {raw}: key '"
+        if bert is None:
+            return
+    for key, spec in BERT_SCHEMA.items():
+        if key in bert:
+            found = spec.problem(bert[key])
+            if found is not None:
+                raise ConfigError(f"{where}{key}' {found}")
+    b = {**BERT_DEFAULTS, **bert}
+    if b['hidden_size'] % b['num_attention_heads']:
+        raise ConfigError(f"{where}hidden_size' ({b['hidden_size']}) is not divisible by 'num_attention_heads' "
+                          f"({b['num_attention_heads']}): each head gets an equal share of the width")
+    if 'fusion_layer' in b and b['fusion_layer'] > b['num_hidden_layers']:
+        raise ConfigError(f"{where}fusion_layer' ({b['fusion_layer']}) is larger than 'num_hidden_layers' "
+                          f"({b['num_hidden_layers']})")
+
+
+def _check_relations(path: str, config: Mapping) -> None:
+    """Checks between keys (the models' defaults stand in for absent ones)."""
+    c = {**MODEL_DEFAULTS, **config}
+
+    def given(key):  # how the message shows a value the config may not hold itself
+        return f"'{key}' ({c[key]}{'' if key in config else ', the default'})"
+    if 'image_res' in config:
+        if c['patch_size'] > c['image_res']:
+            raise ConfigError(f"{path}: key {given('patch_size')} is larger than 'image_res' ({c['image_res']})")
+        if c['image_res'] % c['patch_size']:
+            raise ConfigError(f"{path}: key 'image_res' ({c['image_res']}) is not a multiple of "
+                              f"{given('patch_size')}: the border pixels would be dropped; use "
+                              f"{c['image_res'] // c['patch_size'] * c['patch_size']} or "
+                              f"{-(-c['image_res'] // c['patch_size']) * c['patch_size']}")
+    if ('vision_width' in config or 'vision_num_heads' in config) and c['vision_width'] % c['vision_num_heads']:
+        raise ConfigError(f"{path}: key {given('vision_width')} is not divisible by {given('vision_num_heads')}: "
+                          f"each head gets an equal share of the width")
+    if 'queue_size' in config and c['queue_size'] * c['embed_dim'] > MAX_QUEUE_FLOATS:
+        raise ConfigError(f"{path}: key {given('queue_size')} times {given('embed_dim')} is "
+                          f"{c['queue_size'] * c['embed_dim']} values per feature queue, more than the "
+                          f"{MAX_QUEUE_FLOATS} ({MAX_QUEUE_FLOATS * 4 >> 30} GiB) that fit beside a model")
     if 'queue_size' in config:
         for bkey in ('batch_size', 'batch_size_train'):
             if bkey in config and config['queue_size'] < config[bkey]:
                 raise ConfigError(f"{path}: key 'queue_size' ({config['queue_size']}) is smaller than "
                                   f"'{bkey}' ({config[bkey]}); the queue must hold at least one batch")
+    if 'bert_config' in config:
+        _check_bert(path, config)
+
+
+def validate_config(config: Mapping, path: str = '<config>', required: Sequence[str] = ()) -> None:
+    """Check keys, types and value ranges (CONFIG_SCHEMA and the blocks' schemas), and the relations between keys;
+    raise ConfigError naming the file and the key."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f'{path}: top level must be a mapping of keys to values, got {type(config).__name__}')
+    values = list(_walk(path, config))  # bounded: refuses recursive, huge or too deeply nested configs first
+    for key, value in config.items():
+        if key not in CONFIG_SCHEMA:
+            raise ConfigError(f"{path}: unknown key '{key}'{_suggest(str(key), CONFIG_SCHEMA)}")
+        found = CONFIG_SCHEMA[key].problem(value)
+        if found is not None:
+            raise ConfigError(f"{path}: key '{key}' {found}")
+    for key in required:
+        if key not in config:
+            raise ConfigError(f"{path}: missing required key '{key}'")
+    if 'optimizer' in config:
+        _check_block(path, 'optimizer', config['optimizer'], OPTIMIZER_SCHEMA, ('opt', 'lr'))
+    for name in ('schedular', 'scheduler'):
+        if name in config:
+            _check_block(path, name, config[name], SCHEDULER_SCHEMA, ('sched', 'epochs'))
+    if 'schedular' in config and 'scheduler' in config:
+        raise ConfigError(f"{path}: give either 'schedular' (original spelling) or 'scheduler', not both")
+    if 'augment' in config:
+        _check_block(path, 'augment', config['augment'], dict.fromkeys(('crop_min_scale', 'hflip', 'randaug_ops'),
+                                                                       Spec((object,))), ())
+        _check_augment(path, config['augment'])
+    for key, value in values:
+        if isinstance(value, float) and not np.isfinite(value):
+            raise ConfigError(f"{path}: key '{key}' must be a finite number, got {value}")
+    if isinstance(config.get('grad_checkpointing'), list):
+        bad = [x for x in config['grad_checkpointing'] if x not in ('vision', 'text')]
+        if bad:
+            raise ConfigError(f"{path}: key 'grad_checkpointing' entries must be 'vision' or 'text', got {bad}")
+    _check_relations(path, config)
 
 
 def _yaml():
@@ -465,29 +669,70 @@ def _yaml():
     return yaml
 
 
+def _check_yaml_size(text: str, where: str) -> None:
+    """Refuse YAML whose aliases expand to more than MAX_CONFIG_VALUES values or that nests deeper than
+    MAX_CONFIG_DEPTH, from its event stream (before anything is built, so it costs the file's length, not its
+    expansion). Syntax errors surface as the parser's YAMLError."""
+    from ruamel.yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
+    sizes: dict = {}          # anchor -> number of values its node expands to
+    open_nodes: list = [[None, 0]]  # [anchor, values so far] of every collection being read, outermost first
+    for event in _yaml().parse(text):
+        if isinstance(event, CollectionStartEvent):
+            open_nodes.append([event.anchor, 1])
+            if len(open_nodes) - 1 > MAX_CONFIG_DEPTH:
+                mark = event.start_mark
+                raise ConfigError(f'{where}:{mark.line + 1}:{mark.column + 1}: nested more than {MAX_CONFIG_DEPTH} '
+                                  f'levels deep')
+            continue
+        if isinstance(event, CollectionEndEvent):
+            anchor, n = open_nodes.pop()
+        elif isinstance(event, ScalarEvent):
+            anchor, n = event.anchor, 1
+        elif isinstance(event, AliasEvent):
+            anchor, n = None, sizes.get(event.anchor, 1)  # unknown or still open: the loader reports it
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = n
+        open_nodes[-1][1] += n
+        if sum(count for _, count in open_nodes) > MAX_CONFIG_VALUES:
+            mark = event.start_mark
+            raise ConfigError(f'{where}:{mark.line + 1}:{mark.column + 1}: YAML aliases expand this to more than '
+                              f'{MAX_CONFIG_VALUES} values (a "billion laughs" file?); a config needs a few hundred')
+
+
+def _load_yaml(text: str, where: str, syntax_error=None):
+    """Safe-load YAML text with bounded work (_check_yaml_size). A YAML error becomes a one-line ConfigError:
+    `syntax_error(at, problem)` (default '<where>:<line>:<column>: cannot parse YAML: <problem>')."""
+    from ruamel.yaml import YAMLError
+    try:
+        _check_yaml_size(text, where)
+        return _yaml().load(text)
+    except (YAMLError, RecursionError) as e:
+        mark = getattr(e, 'problem_mark', None)
+        at = f':{mark.line + 1}:{mark.column + 1}' if mark is not None else ''
+        problem = (getattr(e, 'problem', None) or str(e).splitlines()[0] if isinstance(e, YAMLError)
+                   else 'nested too deeply')
+        if 'could not determine a constructor' in problem:
+            problem += ' (configs are read in YAML safe mode: plain values only, no Python objects)'
+        message = syntax_error(at, problem) if syntax_error else f'{where}{at}: cannot parse YAML: {problem}'
+        raise ConfigError(message) from None
+
+
 def load_config(path: str, required: Sequence[str] = (), overrides: Mapping | None = None) -> dict:
     """Load a YAML config safely and validate it (unknown keys, types, ranges, `required` keys).
 
     `overrides` (e.g. from --opt key=value) are applied before validation. Errors name the file and key, and
-    YAML syntax errors the line and column.
+    YAML syntax errors the line and column. The work is bounded: only a regular file of at most MAX_CONFIG_BYTES
+    is read (a FIFO or a device is refused, not waited on), and aliases may not expand it beyond
+    MAX_CONFIG_VALUES values nor nesting go deeper than MAX_CONFIG_DEPTH levels.
     """
-    from ruamel.yaml import YAMLError
-    if not os.path.isfile(path):
-        raise ConfigError(f'config file not found: {path}')
+    data = _read_limited(path, 'config file')
     try:
-        with open(path, encoding='utf-8') as f:
-            config = _yaml().load(f)
-    except YAMLError as e:
-        mark = getattr(e, 'problem_mark', None)
-        where = f':{mark.line + 1}:{mark.column + 1}' if mark is not None else ''
-        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-        if 'could not determine a constructor' in problem:
-            problem += ' (configs are read in YAML safe mode: plain values only, no Python objects)'
-        raise ConfigError(f'{path}{where}: cannot parse YAML: {problem}') from None
+        text = data.decode('utf-8')
     except UnicodeDecodeError as e:
         raise ConfigError(f'{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})') from None
-    except OSError as e:
-        raise ConfigError(f'{path}: cannot read the config file ({e.strerror or e})') from None
+    config = _load_yaml(text, path)
     if config is None:
         raise ConfigError(f'{path}: the file is empty')
     if isinstance(config, dict) and overrides:
@@ -496,24 +741,26 @@ def load_config(path: str, required: Sequence[str] = (), overrides: Mapping | No
     return dict(config)
 
 
-def save_config(config: Mapping, path: str) -> None:
-    """Write the resolved config as YAML (atomically)."""
+def config_text(config: Mapping) -> str:
+    """The YAML that save_config writes for `config`."""
     buf = io.StringIO()
     _yaml().dump(json.loads(json.dumps(config)), buf)
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_config(config: Mapping, path: str) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    atomic_write_text(path, config_text(config))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `--opt key=value` override (value read as YAML, e.g. `batch_size=8`, `distill=false`)."""
-    from ruamel.yaml import YAMLError
     if '=' not in text:
         raise ConfigError(f"--opt expects key=value, got '{text}'")
     key, raw = text.split('=', 1)
-    try:
-        return key.strip(), _yaml().load(raw)
-    except YAMLError as e:
-        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-        raise ConfigError(f"--opt {text}: the value is not valid YAML ({problem})") from None
+    shown = text if len(text) <= 80 else text[:77] + '...'
+    return key.strip(), _load_yaml(raw, f'--opt {shown}',
+                                   lambda at, problem: f'--opt {text}: the value is not valid YAML ({problem})')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,7 +769,45 @@ def parse_override(text: str) -> tuple[str, Any]:
 TMP_SUFFIX = '.tmp-partial'
 
 
+# A run's config.yaml waits here until the run writes its first output into its folder (see prepare_run): a run
+# that fails on its inputs (data files, checkpoint, model) then leaves the folder as it found it.
+_pending_config: dict = {}
+
+
+def _write_pending_config(target: str | None = None) -> None:
+    """Write the pending config.yaml when `target` (a file about to be written) lies in the run's output folder,
+    or unconditionally when `target` is None (the run ended well)."""
+    if not _pending_config:
+        return
+    if target is not None and not os.path.abspath(target).startswith(_pending_config['folder'] + os.sep):
+        return
+    pending = dict(_pending_config)
+    _pending_config.clear()  # first: the write below comes back through here
+    if 'text' in pending:  # (a --resume run has none: engine.resume_training writes it)
+        atomic_write_text(pending['path'], pending['text'])
+
+
+def _drop_pending_config() -> None:
+    """Forget an unwritten config.yaml (the run failed before any output) and remove the output folder, and the
+    parents created with it, if the run created them and they are still empty."""
+    pending = dict(_pending_config)
+    _pending_config.clear()
+    created = pending.get('created')
+    if not created:
+        return
+    folder = pending['folder']
+    while True:
+        try:
+            os.rmdir(folder)  # only succeeds when empty
+        except OSError:
+            return
+        if folder == created or len(folder) <= len(created):
+            return
+        folder = os.path.dirname(folder)
+
+
 def _atomic_write(path: str, write) -> None:
+    _write_pending_config(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=directory)
@@ -565,6 +850,7 @@ def remove_partial_files(directory: str) -> list[str]:
 
 def append_json_line(path: str, record: Mapping) -> None:
     """Append one JSON object as a line (log.txt), flushed to disk."""
+    _write_pending_config(path)
     with open(path, 'a', encoding='utf-8') as f:
         f.write(json.dumps(record) + '\n')
         f.flush()
@@ -582,23 +868,77 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_flag(spec: Spec):
+    """argparse type: an integer that `spec` (a Spec, e.g. CONFIG_SCHEMA's entry of the key the flag sets) accepts."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got '{text}'") from None
+        found = spec.problem(value)
+        if found is not None:
+            raise argparse.ArgumentTypeError(found)
+        return value
+    parse.__name__ = 'int'
+    return parse
+
+
+def config_flag(key: str):
+    """argparse type of a flag that sets config key `key`: checked against the key's range in CONFIG_SCHEMA."""
+    return _int_flag(CONFIG_SCHEMA[key])
+
+
+SEED_RANGE = Spec((int,), 0, 2 ** 32 - 1)  # numpy's seed range; torch and the samplers add rank and epoch to it
+STEP_COUNT = Spec((int,), 0)
+
+
+def device_flag(text: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N, where N names a CUDA device of this machine. Without CUDA
+    a cuda device falls back to cpu (resolve_device), as the default does."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f"'{text}': only cpu and cuda devices are supported")
+    if device.type == 'cuda' and device.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise argparse.ArgumentTypeError(f"'{text}': this machine has {count} CUDA device(s) "
+                                             f"(cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''})")
+    return text
+
+
+def input_file(text: str) -> str:
+    """argparse type: an existing regular file (not a folder, a FIFO or a device)."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f'file not found: {text}')
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f'{text} is not a regular file')
+    return text
+
+
 def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.ArgumentParser:
-    """The flags every task script shares, training-loop ones included (use as `parents=[...]`)."""
+    """The flags every task script shares, training-loop ones included (use as `parents=[...]`). Numeric flags are
+    range-checked as they are parsed; a flag that sets a config key uses that key's range (CONFIG_SCHEMA)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument('--config', default=default_config, help='YAML config file')
     p.add_argument('--output_dir', default=default_output_dir)
     p.add_argument('--checkpoint', default='', help='checkpoint to start from (path or URL)')
     p.add_argument('--resume', action='store_true',
                    help='continue the run in --output_dir from its latest checkpoint (or --checkpoint)')
-    p.add_argument('--overwrite', action='store_true', help='allow an output_dir that holds another run')
+    p.add_argument('--overwrite', action='store_true',
+                   help='allow an output_dir that holds another run, or files this run would replace')
     # Read by engine.train, which every task script trains through.
-    p.add_argument('--save_every_steps', default=0, type=int,
-                   help='also write checkpoint_last.pth every N steps within an epoch (exact resume)')
-    p.add_argument('--max_steps_per_epoch', default=0, type=int, help='cut epochs short (smoke tests)')
+    p.add_argument('--save_every_steps', default=0, type=_int_flag(STEP_COUNT),
+                   help='also write checkpoint_last.pth every N steps within an epoch (exact resume; 0: off)')
+    p.add_argument('--max_steps_per_epoch', default=0, type=_int_flag(STEP_COUNT),
+                   help='cut epochs short (smoke tests; 0: whole epochs)')
     p.add_argument('--text_encoder', default=None,
                    help='tokenizer and BERT weights: hub name or local folder (default: from config)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--seed', default=42, type=int)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=device_flag,
+                   help='cpu, cuda or cuda:N')
+    p.add_argument('--seed', default=42, type=_int_flag(SEED_RANGE))
     p.add_argument('--deterministic', action='store_true',
                    help='use only deterministic torch kernels (bit-exact reruns and resumes; slower on GPU)')
     p.add_argument('--distributed', action=argparse.BooleanOptionalAction, default=True,
@@ -610,13 +950,28 @@ def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
     p.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'],
                    help='autocast precision (default: config, else fp32)')
-    p.add_argument('--num_workers', default=None, type=int, help='data loader workers (default: config, else 4)')
+    p.add_argument('--num_workers', default=None, type=config_flag('num_workers'),
+                   help='data loader workers (default: config, else 4)')
     p.add_argument('--unsafe_load', action='store_true',
                    help='allow checkpoints that contain pickled code (only for files you trust)')
     p.add_argument('--opt', action='append', default=[], metavar='KEY=VALUE',
                    help='override a config key, e.g. --opt batch_size=8 (repeatable)')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for errors')
     return p
+
+
+class UsageError(SystemExit):
+    """A command-line error found by argparse, already printed as one line (see one_line_errors)."""
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make `parser` report a command-line error (unknown flag, bad value) like every other user error: one line
+    `error: <message>` on stderr and exit status 2, instead of argparse's usage block. Returns the parser."""
+    def error(message: str):
+        _print_error(f'{message} (see --help)')
+        raise UsageError(EXIT_USER_ERROR)
+    parser.error = error
+    return parser
 
 
 EXIT_USER_ERROR = 2    # bad config, data, checkpoint or flags: the one-line message says what to fix
@@ -666,7 +1021,10 @@ def run_cli(main, argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
+        _write_pending_config()  # a run that wrote nothing into its folder still gets its config.yaml
         return 0
+    except UsageError:  # argparse's, already printed as one line
+        return EXIT_USER_ERROR
     except UserError as e:
         if '--debug' in argv:
             raise
@@ -682,59 +1040,178 @@ def run_cli(main, argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        _drop_pending_config()  # a run that failed before writing anything leaves its folder as it found it
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run set-up shared by the task scripts
 # ----------------------------------------------------------------------------------------------------------------
 RUN_MARKERS = ('log.txt', 'checkpoint_last.pth', 'checkpoint_best.pth')
+# What else the task scripts write into their folder (besides checkpoint_XX.pth): a folder that holds one of these
+# but no run was not written by a run, and a new run must not replace them without --overwrite.
+RUN_OUTPUTS = ('config.yaml', 'results.json', 'retrieval_test_metrics.json', 'grounding_results.json',
+               'vqa_accuracy.json', 'result')
 
 
-def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, evaluate: bool = False) -> None:
-    """Create `output_dir`, check it is writable, and refuse to mix a new run into another run's folder."""
+def _holds_text(path: str, text: str) -> bool:
+    """Whether the regular file `path` holds exactly `text` (read without blocking on a FIFO or device)."""
+    data = text.encode('utf-8')
+    try:
+        return _read_limited(path, 'file', limit=len(data)) == data
+    except ConfigError:
+        return False
+
+
+def _foreign_outputs(output_dir: str, names: Sequence[str], config_text: str | None,
+                     config_file: str | None) -> list[str]:
+    """The files in a folder without a run that this run would replace: RUN_OUTPUTS, but not a config.yaml that
+    already holds exactly the config this run would write (left by a start that was killed), nor an empty
+    result/ folder. Refuses at once a --config file that is the folder's own config.yaml."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if name not in names or (name == 'result' and os.path.isdir(path) and not os.listdir(path)):
+            continue
+        if name == 'config.yaml':
+            if config_text is not None and _holds_text(path, config_text):
+                continue
+            if config_file and os.path.exists(config_file) and os.path.samefile(config_file, path):
+                raise UserError(f'--config {config_file} is the config.yaml of --output_dir {output_dir}, which the '
+                                f'run writes its resolved config to; keep the config outside the output folder, '
+                                f'or pass --overwrite to let the run replace it')
+        found.append(name + ('/' if os.path.isdir(path) else ''))
+    return found
+
+
+def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool, evaluate: bool = False, *,
+                       config_text: str | None = None, config_file: str | None = None) -> str | None:
+    """Check `output_dir` before anything is written, then create it and check it is writable.
+
+    Refused without --overwrite: a folder that holds another run (log.txt or checkpoints), unless `resume`
+    continues it (an `evaluate` run never adds to a training run's folder); and in a folder without a run, any file
+    the run would replace (RUN_OUTPUTS: a user's config.yaml, the --config file itself, result files), except a
+    config.yaml holding exactly `config_text`. Removes partial files left by a killed write. Returns the topmost
+    folder it created (output_dir or a parent of it), or None.
+    """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f'--output_dir {output_dir}: exists and is not a directory')
+    names: list[str] = []
+    if os.path.isdir(output_dir):
+        try:
+            names = os.listdir(output_dir)
+        except OSError as e:
+            raise UserError(f'--output_dir {output_dir}: cannot list it ({e.strerror})') from None
+    run = sorted(n for n in names if n in RUN_MARKERS or (n.startswith('checkpoint_') and n.endswith('.pth')))
+    if run and not overwrite:
+        if evaluate:
+            raise UserError(f'--output_dir {output_dir} already holds a run ({run[0]}, ...); --evaluate would add '
+                            f'to its log.txt and replace its config.yaml and result files: evaluate into another '
+                            f'folder, or pass --overwrite')
+        if not resume:
+            raise UserError(f'--output_dir {output_dir} already holds a run ({run[0]}, ...); '
+                            f'pass --resume to continue it or --overwrite to start over there')
+    if not run and not overwrite:
+        foreign = _foreign_outputs(output_dir, names, config_text, config_file)
+        if foreign:
+            raise UserError(f'--output_dir {output_dir} holds {", ".join(foreign)}, not written by a run, that this '
+                            f'run would replace; choose another folder, or pass --overwrite to replace '
+                            f'{"it" if len(foreign) == 1 else "them"}')
+    created, parent = None, os.path.abspath(output_dir)
+    while not os.path.exists(parent):
+        created, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as e:
         raise UserError(f'--output_dir {output_dir}: cannot create it ({e.strerror})') from None
     if not os.access(output_dir, os.W_OK):
         raise UserError(f'--output_dir {output_dir}: not writable')
-    existing = [n for n in os.listdir(output_dir)
-                if n in RUN_MARKERS or (n.startswith('checkpoint_') and n.endswith('.pth'))]
-    if existing and not (resume or overwrite or evaluate):
-        raise UserError(f'--output_dir {output_dir} already holds a run ({sorted(existing)[0]}, ...); '
-                        f'pass --resume to continue it or --overwrite to start over there')
     removed = remove_partial_files(output_dir)
     if removed:
         print(f'removed {len(removed)} partial file(s) left by an interrupted write: {", ".join(removed)}')
+    return created
 
 
-def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False) -> tuple[dict, torch.device]:
-    """Everything a task script does before building data and model.
+_OFFLINE_VALUES = ('1', 'on', 'yes', 'true')
+DEFAULT_TEXT_ENCODER = 'bert-base-uncased'  # what engine.build_tokenizer loads when the config names none
 
-    Loads and validates the config (with --opt overrides and --text_encoder / --precision / --num_workers),
-    starts torch.distributed when launched for it, prepares output_dir, writes config.yaml (a --resume run: after
-    the checkpoint's check, see engine.resume_training), turns on deterministic algorithms with --deterministic,
-    seeds with seed + rank and tunes malloc for large tensors (tune_memory_allocator). Returns (config, device).
+
+def _hub_cached(name: str) -> bool:
+    """Whether the Hugging Face cache holds a tokenizer of hub repo `name` (vocab.txt or tokenizer.json)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in ('vocab.txt', 'tokenizer.json'))
+    except Exception:  # an invalid repo id, an unreadable cache: not usable either way
+        return False
+
+
+def check_text_folder(name: str, where: str, tokenizer: bool = True) -> None:
+    """Check a text_encoder / text_decoder value before anything is built: a local folder must exist (and, for the
+    tokenizer, hold vocab.txt or tokenizer.json; transformers would otherwise build an empty vocabulary without a
+    word); a hub name must be in the local cache when downloads are off (HF_HUB_OFFLINE). `where` names the flag or
+    the flag or the config key (with the value) in the error."""
+    if os.path.isdir(name):
+        if tokenizer and not any(os.path.isfile(os.path.join(name, f)) for f in ('vocab.txt', 'tokenizer.json')):
+            raise UserError(f'{where}: the folder holds no vocab.txt (nor tokenizer.json)')
+        return
+    if os.path.exists(name):
+        raise UserError(f'{where}: not a folder (give the folder that holds vocab.txt, or a hub name)')
+    # Hub names are 'name' or 'namespace/name'; anything else can only be meant as a folder.
+    if (os.path.isabs(name) or name.startswith(('.', '~')) or name.endswith('/') or name.count('/') > 1
+            or '\\' in name or not name.strip()):
+        raise UserError(f'{where}: folder not found')
+    offline = any(os.environ.get(v, '').lower() in _OFFLINE_VALUES for v in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'))
+    if tokenizer and offline and not _hub_cached(name):
+        raise UserError(f'{where}: no such folder, and not in the Hugging Face cache (downloads are off: '
+                        f'HF_HUB_OFFLINE)')
+
+
+def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False,
+                minimums: Mapping[str, tuple[int, str]] | None = None) -> tuple[dict, torch.device]:
+    """Everything a task script does before building data and model; writes nothing before its checks pass.
+
+    Loads and validates the config (with --opt overrides and --text_encoder / --text_decoder / --precision /
+    --num_workers), checks the task's `minimums` ({key: (least value, why)}) and the text encoder folders,
+    starts torch.distributed when launched for it, checks and creates output_dir (prepare_output_dir), turns on
+    deterministic algorithms with --deterministic, seeds with seed + rank and tunes malloc for large tensors
+    (tune_memory_allocator). Returns (config, device).
+
+    config.yaml is not written here: it is written just before the run's first output file (a checkpoint, log.txt,
+    a result file), or at the end of a run that wrote none, so a run that fails on its data, checkpoint or model
+    leaves the folder as it found it (and removes it again if it created it). A --resume run rewrites it once its
+    checkpoint accepted the config (engine.resume_training).
     """
+    _pending_config.clear()
     overrides = dict(parse_override(o) for o in getattr(args, 'opt', []))
     config = load_config(args.config, required=required, overrides=overrides)
-    if getattr(args, 'text_encoder', None):
-        config['text_encoder'] = args.text_encoder
+    for key in ('text_encoder', 'text_decoder'):
+        if getattr(args, key, None):
+            config[key] = getattr(args, key)
     if getattr(args, 'precision', None):
         config['precision'] = args.precision
     if getattr(args, 'num_workers', None) is not None:
         config['num_workers'] = args.num_workers
     if 'scheduler' in config:  # accept the correct spelling; the code reads the original's
         config['schedular'] = config.pop('scheduler')
+    for key, (least, why) in (minimums or {}).items():
+        if key in config and config[key] < least:
+            raise ConfigError(f"{args.config}: key '{key}' must be >= {least} {why}, got {config[key]}")
+    for key in ('text_encoder', 'text_decoder'):
+        if key in config or key == 'text_encoder':
+            name = config.get(key, DEFAULT_TEXT_ENCODER)
+            where = (f'--{key} {name}' if getattr(args, key, None) else
+                     f"{args.config}: key '{key}' ({name}{'' if key in config else ', the default'})")
+            check_text_folder(name, where, tokenizer=key == 'text_encoder')
     init_distributed_mode(args)
     device = resolve_device(args.device)
     resume = getattr(args, 'resume', False)
     if is_main_process():
-        prepare_output_dir(args.output_dir, resume, getattr(args, 'overwrite', False), evaluate)
+        text = config_text(config)
+        created = prepare_output_dir(args.output_dir, resume, getattr(args, 'overwrite', False), evaluate,
+                                     config_text=text, config_file=args.config)
+        _pending_config.update(folder=os.path.abspath(args.output_dir), created=created)
         if not resume:  # a resumed run rewrites config.yaml only once its checkpoint accepted the config
-            save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+            _pending_config.update(path=os.path.join(args.output_dir, 'config.yaml'), text=text)
     barrier()
     if getattr(args, 'deterministic', False):
         use_deterministic_algorithms()
