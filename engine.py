@@ -8,10 +8,15 @@ exactly (model with momentum encoders and queues, optimizer, scheduler, epoch, s
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import math
 import os
 import random
 import re
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -58,15 +63,71 @@ def get_rng_state() -> dict:
     return state
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def rng_state_problem(state) -> str | None:
+    """What is wrong with an RNG state as `get_rng_state` writes it (types, keys, sizes), or None when usable."""
+    if not isinstance(state, Mapping):
+        return f'must be a dict, got {type(state).__name__}'
+    for key in ('torch', 'numpy', 'python'):
+        if key not in state:
+            return f'missing key {key!r}'
+    t = state['torch']
+    expected = torch.get_rng_state()
+    if not torch.is_tensor(t) or t.dtype != torch.uint8 or tuple(t.shape) != tuple(expected.shape):
+        what = f'{t.dtype} tensor of shape {tuple(t.shape)}' if torch.is_tensor(t) else type(t).__name__
+        return f"'torch' must be a uint8 tensor of shape {tuple(expected.shape)}, got {what}"
+    n = state['numpy']
+    if not isinstance(n, Mapping) or any(k not in n for k in ('keys', 'pos', 'has_gauss', 'cached_gaussian')):
+        return "'numpy' must be a dict with keys, pos, has_gauss and cached_gaussian"
+    keys = n['keys']
+    if not torch.is_tensor(keys) or keys.dtype != torch.int64 or tuple(keys.shape) != (624,):
+        return "'numpy.keys' must be an int64 tensor of 624 values"
+    if bool((keys < 0).any()) or bool((keys >= 2 ** 32).any()):
+        return "'numpy.keys' holds values outside 0 .. 2**32 - 1"
+    if not _is_int(n['pos']) or not 0 <= n['pos'] <= 624:
+        return f"'numpy.pos' must be an int in 0 .. 624, got {n['pos']!r:.40}"
+    if not _is_int(n['has_gauss']) or not _is_number(n['cached_gaussian']):
+        return "'numpy.has_gauss' must be an int and 'numpy.cached_gaussian' a number"
+    p = state['python']
+    if not isinstance(p, Mapping) or any(k not in p for k in ('version', 'state', 'gauss')):
+        return "'python' must be a dict with version, state and gauss"
+    ps = p['state']
+    if not _is_int(p['version']) or not isinstance(ps, (list, tuple)) or len(ps) != 625 \
+            or not all(_is_int(v) and 0 <= v < 2 ** 32 for v in ps) or ps[-1] > 624:
+        return "'python' must hold an int version and a state of 625 ints (random.getstate())"
+    if p['gauss'] is not None and not _is_number(p['gauss']):
+        return f"'python.gauss' must be a number or null, got {p['gauss']!r:.40}"
+    cuda = state.get('cuda')
+    if cuda is not None and not (isinstance(cuda, (list, tuple))
+                                 and all(torch.is_tensor(c) and c.dtype == torch.uint8 for c in cuda)):
+        return "'cuda' must be a list of uint8 tensors"
+    return None
+
+
 def set_rng_state(state: Mapping) -> None:
+    """Restore the states `get_rng_state` saved; TrainingError (before changing anything) for a malformed one.
+
+    CUDA states are restored for the devices present (a checkpoint of an 8-GPU machine also resumes on fewer)."""
+    problem = rng_state_problem(state)
+    if problem is not None:
+        raise TrainingError(f'RNG state: {problem}')
     torch.set_rng_state(state['torch'])
     n = state['numpy']
     np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
                          n['cached_gaussian']))
     p = state['python']
     random.setstate((p['version'], tuple(p['state']), p['gauss']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    if state.get('cuda') is not None and torch.cuda.is_available():
+        cuda = list(state['cuda'])[:torch.cuda.device_count()]
+        for i, c in enumerate(cuda):
+            torch.cuda.set_rng_state(c, i)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,11 +156,25 @@ def build_checkpoint(model_without_ddp, optimizer, scheduler, config: Mapping, s
             'rng': get_rng_state()}
 
 
-def restore_training(checkpoint: Mapping, model_without_ddp, optimizer, scheduler) -> TrainState:
-    """Load a checkpoint written by `build_checkpoint` into the objects and return where to continue."""
+def restore_training(checkpoint: Mapping, model_without_ddp, optimizer, scheduler,
+                     path: str = 'the checkpoint') -> TrainState:
+    """Load a checkpoint written by `build_checkpoint` into the objects and return where to continue.
+
+    Everything is checked first (`check_training_state`): a checkpoint whose tensors, optimizer groups, scheduler,
+    train_state or RNG state do not fit raises TrainingError naming `path` and the entry, with nothing loaded.
+    """
+    check_training_state(checkpoint, model_without_ddp, optimizer, scheduler, path)
     model_without_ddp.load_state_dict(checkpoint['model'], strict=True)
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise TrainingError(f"{path}: cannot resume, entry 'optimizer' does not fit the optimizer "
+                            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    try:
+        scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TrainingError(f"{path}: cannot resume, entry 'lr_scheduler' does not fit the scheduler "
+                            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
     ts = checkpoint.get('train_state')
     if ts is None:  # an original ALBEF checkpoint: resume at the next epoch, as the original does
         return TrainState(epoch=int(checkpoint['epoch']) + 1)
@@ -107,6 +182,118 @@ def restore_training(checkpoint: Mapping, model_without_ddp, optimizer, schedule
         set_rng_state(checkpoint['rng'])
     return TrainState(epoch=ts['epoch'], step_in_epoch=ts['step_in_epoch'], global_step=ts['global_step'],
                       best=ts['best'], best_epoch=ts['best_epoch'])
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def _state_tensor_fits(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether an optimizer state tensor can belong to parameter `p`: a scalar, p's shape, or (Adafactor) one of
+    its factored second-moment shapes."""
+    if t.ndim == 0 or t.numel() == 1 or t.shape == p.shape:
+        return True
+    return p.ndim >= 2 and _shape(t) in (_shape(p)[:-1], _shape(p)[:-2] + _shape(p)[-1:])
+
+
+def _optimizer_problem(saved, optimizer, model) -> str | None:
+    """What in a saved optimizer state does not fit `optimizer` (groups, sizes, state shapes), or None."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get('state'), Mapping) \
+            or not isinstance(saved.get('param_groups'), (list, tuple)):
+        return 'it is not an optimizer state (a dict with state and param_groups)'
+    groups = optimizer.param_groups
+    if len(saved['param_groups']) != len(groups):
+        return (f"the checkpoint has {len(saved['param_groups'])} parameter group(s), the optimizer "
+                f"{len(groups)} (other optimizer settings, or other frozen parameters?)")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g, (sg, group) in enumerate(zip(saved['param_groups'], groups)):
+        if not isinstance(sg, Mapping) or not isinstance(sg.get('params'), (list, tuple)):
+            return f'parameter group {g} has no list of params'
+        if len(sg['params']) != len(group['params']):
+            return (f"parameter group {g} holds {len(sg['params'])} parameters in the checkpoint, "
+                    f"{len(group['params'])} in the optimizer (other model options, or other frozen parameters?)")
+        for pid, p in zip(sg['params'], group['params']):
+            st = saved['state'].get(pid)
+            if st is None:
+                continue
+            if not isinstance(st, Mapping):
+                return f'the state of parameter {names.get(id(p), pid)} is a {type(st).__name__}, not a dict'
+            for key, t in st.items():
+                if torch.is_tensor(t) and not _state_tensor_fits(t, p):
+                    return (f"state {key!r} of parameter {names.get(id(p), pid)} has shape {_shape(t)}, the "
+                            f"parameter {_shape(p)}")
+    return None
+
+
+def _train_state_problem(checkpoint: Mapping) -> str | None:
+    ts = checkpoint.get('train_state')
+    if ts is None:
+        return None if _is_int(checkpoint.get('epoch')) else \
+            f"entry 'epoch' must be an int, got {checkpoint.get('epoch')!r:.40}"
+    if not isinstance(ts, Mapping):
+        return f"entry 'train_state' must be a dict, got {type(ts).__name__}"
+    for key in ('epoch', 'step_in_epoch', 'global_step'):
+        if key not in ts:
+            return f"entry 'train_state' has no key {key!r}"
+        if not _is_int(ts[key]) or ts[key] < 0:
+            return f"entry 'train_state' key {key!r} must be an int >= 0, got {ts[key]!r:.40}"
+    for key, ok in (('best', lambda v: v is None or (_is_number(v) and math.isfinite(v))),
+                    ('best_epoch', lambda v: v is None or (_is_int(v) and v >= 0))):
+        if key not in ts:
+            return f"entry 'train_state' has no key {key!r}"
+        if not ok(ts[key]):
+            return f"entry 'train_state' key {key!r} must be {'a number' if key == 'best' else 'an int'} or null, " \
+                   f"got {ts[key]!r:.40}"
+    return None
+
+
+def check_training_state(checkpoint: Mapping, model_without_ddp, optimizer, scheduler,
+                         path: str = 'the checkpoint') -> None:
+    """Raise TrainingError naming `path` and what does not match, before anything of `checkpoint` is loaded:
+    the model's tensors (keys, shapes, kinds of dtype, NaN/inf), the optimizer's groups and state shapes, the
+    scheduler state, train_state and the RNG states."""
+    from models.checkpoint import dtype_mismatches, first_non_finite
+
+    def fail(what: str):
+        raise TrainingError(f'{path}: cannot resume, {what}')
+    saved, expected = checkpoint.get('model'), model_without_ddp.state_dict()
+    if not isinstance(saved, Mapping):
+        fail(f"entry 'model' is a {type(saved).__name__}, not a state dict")
+    not_tensors = [k for k, v in saved.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        fail(f"entry 'model' holds non-tensor values ({', '.join(map(str, not_tensors[:3]))})")
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        fail(f'the checkpoint holds another model (missing {missing[:3]}, unexpected {unexpected[:3]})')
+    shapes = [k for k in expected if _shape(saved[k]) != _shape(expected[k])]
+    if shapes:
+        k = shapes[0]
+        fail(f"the checkpoint's model does not match this one: {k} is {_shape(saved[k])} in the checkpoint, "
+             f"{_shape(expected[k])} in the model{f' (and {len(shapes) - 1} more)' if len(shapes) > 1 else ''}")
+    dtypes = dtype_mismatches(saved, expected)
+    if dtypes:
+        fail(f"the checkpoint's model does not match this one: dtype of {dtypes[0]}"
+             f"{f' (and {len(dtypes) - 1} more)' if len(dtypes) > 1 else ''}")
+    bad = first_non_finite(saved)
+    if bad is not None:
+        fail(f'the weights hold non-finite values (NaN or inf) in {bad}')
+    problem = _optimizer_problem(checkpoint.get('optimizer'), optimizer, model_without_ddp)
+    if problem is not None:
+        fail(f"entry 'optimizer' does not match: {problem}")
+    sched = checkpoint.get('lr_scheduler')
+    if not isinstance(sched, Mapping) or not all(isinstance(k, str) for k in sched):
+        fail(f"entry 'lr_scheduler' must be a dict of settings, got {type(sched).__name__}")
+    current = scheduler.state_dict() if hasattr(scheduler, 'state_dict') else {}
+    for k, v in current.items():
+        if k in sched and _is_number(v) and not (_is_number(sched[k]) or sched[k] is None):
+            fail(f"entry 'lr_scheduler' key {k!r} must be a number, got {sched[k]!r:.40}")
+    problem = _train_state_problem(checkpoint)
+    if problem is not None:
+        fail(problem)
+    if checkpoint.get('train_state') is not None and 'rng' in checkpoint:
+        problem = rng_state_problem(checkpoint['rng'])
+        if problem is not None:
+            fail(f"entry 'rng' is malformed: {problem}")
 
 
 def first_non_finite_tensor(module: torch.nn.Module) -> str | None:
@@ -138,11 +325,14 @@ def check_resume_checkpoint(checkpoint, model_without_ddp, path: str) -> None:
         raise TrainingError(f'{path}: cannot resume, not a training checkpoint (no {lacking[0]!r} entry); to start '
                             f'from its weights, pass it with --checkpoint and without --resume')
     saved, expected = checkpoint['model'], model_without_ddp.state_dict()
-    if not isinstance(saved, Mapping) or set(saved) == set(expected):
+    if not isinstance(saved, Mapping):
+        raise TrainingError(f"{path}: cannot resume, its 'model' entry is a {type(saved).__name__}, not a state "
+                            f"dict")
+    if set(saved) == set(expected):
         return
     try:
         saved_kind, model_kind = detect_kind(saved), detect_kind(expected)
-    except CheckpointError:
+    except (CheckpointError, AttributeError, TypeError):
         saved_kind = model_kind = None
     if saved_kind != model_kind:
         raise TrainingError(f"{path}: cannot resume a '{model_kind}' run from a '{saved_kind}' checkpoint; to start "
@@ -154,6 +344,8 @@ def check_resume_checkpoint(checkpoint, model_without_ddp, path: str) -> None:
 
 def check_resume_config(saved: Mapping, current: Mapping, path: str) -> None:
     """Refuse to resume a run whose model or data shape differs from the checkpoint's config."""
+    if not isinstance(saved, Mapping):
+        raise TrainingError(f"{path}: cannot resume, its 'config' entry is a {type(saved).__name__}, not a dict")
     keys = ('bert_config', 'image_res', 'patch_size', 'vision_width', 'vision_depth', 'embed_dim', 'queue_size',
             'batch_size', 'batch_size_train', 'train_file', 'optimizer')
     diffs = [k for k in keys if saved.get(k) != current.get(k)]
@@ -161,6 +353,213 @@ def check_resume_config(saved: Mapping, current: Mapping, path: str) -> None:
         k = diffs[0]
         raise TrainingError(f'{path}: cannot resume, the checkpoint was made with another config '
                             f'({k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now)')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run keeps: SIGTERM, full disks, data loader workers
+# ----------------------------------------------------------------------------------------------------------------
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, the shell's status for a process ended by SIGTERM
+
+_DISK_REASONS = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
+                 errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
+                 errno.EPERM: 'operation not permitted', errno.EFBIG: 'file too large', errno.EIO: 'input/output error'}
+
+
+def os_error_in(exc: BaseException | None) -> OSError | None:
+    """The OSError that caused `exc` (itself, or along its __cause__ / __context__ chain), or None.
+
+    torch.save turns a failed write into a RuntimeError ('unexpected pos ...') raised while the OSError that
+    caused it is being handled."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(e: OSError) -> str:
+    code = errno.errorcode.get(e.errno, str(e.errno))
+    return f'{_DISK_REASONS.get(e.errno) or (e.strerror or str(e)).lower()} ({code})'
+
+
+class RunGuard:
+    """What the current run has kept on disk, for the lines that end it early.
+
+    `kept` is (path, epoch, steps done in it) of the newest resume point on disk, or None. Installed with
+    `handle_sigterm()`, SIGTERM (what a cluster scheduler sends before it kills a job) ends the run with one line
+    saying what was kept and how to continue, and exit status EXIT_TERMINATED, instead of silence. A checkpoint
+    write in progress (`critical()`) is finished first, so the line never names an older file than the one on
+    disk; a write cut short by the SIGKILL that may follow leaves the previous file, as after any kill.
+    """
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self.kept: tuple[str, int, int] | None = None
+        self.state: TrainState | None = None  # the live position of the loop
+        self._critical = 0
+        self._pending = False
+        self._stopping = False
+        self._pid = os.getpid()
+
+    # -- what is kept ----------------------------------------------------------------------------------------
+    def keep(self, path: str, state: TrainState) -> None:
+        self.kept = (path, state.epoch, state.step_in_epoch)
+
+    def kept_text(self) -> str:
+        if self.kept is None:
+            return 'nothing of this run was saved yet'
+        path, epoch, step = self.kept
+        return f'{path} is kept (it resumes at epoch {epoch} step {step})'
+
+    def resume_hint(self) -> str:
+        if self.kept is None:
+            return 'rerun the same command to start over'
+        path = self.kept[0]
+        if os.path.abspath(path) == os.path.abspath(os.path.join(self.output_dir, 'checkpoint_last.pth')):
+            return 'continue with --resume'
+        return f'continue with --resume --checkpoint {path}'
+
+    # -- SIGTERM ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def critical(self):
+        """A section SIGTERM does not cut (a checkpoint write and the record of it)."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+            if not self._critical and self._pending:
+                self._pending = False
+                self._stop()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked data loader worker: die as it would have without this handler
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if self._stopping:
+            return
+        if self._critical:
+            self._pending = True
+            return
+        self._stop()
+
+    def _stop(self) -> None:
+        self._stopping = True
+        # Data loader workers that got the same signal die too; torch's SIGCHLD handler would then raise its own
+        # error in the middle of this exit.
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        where = '' if self.state is None else \
+            f' at epoch {self.state.epoch} step {self.state.step_in_epoch}'
+        hint = self.resume_hint()
+        if self.kept is None:
+            hint += ' (--save_every_steps N keeps a resume point every N steps)'
+        prefix = f'rank {utils.get_rank()} of {utils.get_world_size()}: ' if utils.get_world_size() > 1 else ''
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        sys.stderr.write(f'error: {prefix}stopped by SIGTERM{where}; {self.kept_text()}: {hint}\n')
+        sys.stderr.flush()
+        raise SystemExit(EXIT_TERMINATED)
+
+    @contextlib.contextmanager
+    def handle_sigterm(self):
+        """Install the SIGTERM handler for the block (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    # -- writes -----------------------------------------------------------------------------------------------
+    def write_error(self, path: str, exc: BaseException) -> TrainingError | None:
+        """The one-line error for a write of `path` that failed for lack of space, quota or permission, or None
+        when `exc` was not caused by an OSError."""
+        e = os_error_in(exc)
+        if e is None:
+            return None
+        if self.kept is None:
+            tail = 'nothing of this run was saved before; once the disk is fixed, ' + self.resume_hint()
+        else:
+            tail = (f'the files written before are unchanged and {self.kept_text()}; once the disk is fixed, '
+                    f'{self.resume_hint()}')
+        return TrainingError(f'cannot write {path}: {describe_os_error(e)}; {tail}')
+
+
+def save_checkpoint_file(obj, path: str, guard: RunGuard) -> None:
+    """utils.atomic_save, with a failed write (disk full, quota, read-only, permissions) as one line naming the
+    file; the temp file is removed and the file it would have replaced stays as it was."""
+    try:
+        utils.atomic_save(obj, path)
+    except Exception as e:  # noqa: BLE001 - only OSError-caused failures are converted, the rest re-raised
+        err = guard.write_error(path, e)
+        if err is None:
+            raise
+        for name in os.listdir(os.path.dirname(os.path.abspath(path))):  # a temp file left by a failed removal
+            if name.startswith(os.path.basename(path) + '.') and name.endswith(utils.TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(os.path.dirname(os.path.abspath(path)), name))
+        raise err from None
+
+
+def append_log_line(path: str, record: Mapping, guard: RunGuard) -> None:
+    """Append one JSON line to log.txt, all or nothing: a failed write (disk full) is cut back off the file, so
+    that it keeps only whole lines, and ends the run with one line naming it."""
+    data = (json.dumps(record) + '\n').encode('utf-8')
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise guard.write_error(path, e) from None
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise guard.write_error(path, e) from None
+    finally:
+        os.close(fd)
+
+
+def next_batch(iterator, loader):
+    """next(iterator) of a DataLoader, with its workers' failures as one line: a user error raised in a worker
+    (bad image, bad item) comes back with its own message instead of the worker's traceback, and a worker that
+    died (killed for memory, most likely) is named as such."""
+    try:
+        return next(iterator)
+    except utils.UserError as e:
+        from dataset.utils import unwrap_worker_error
+        clean = unwrap_worker_error(e)
+        if clean is None:
+            raise
+        raise clean from None
+    except RuntimeError as e:
+        err = worker_death_error(e, getattr(loader, 'num_workers', None))
+        if err is None:
+            raise
+        raise err from None
+
+
+def worker_death_error(exc: BaseException, num_workers=None) -> TrainingError | None:
+    """The one line for torch's 'DataLoader worker (pid N) is killed by signal ...' / '... exited unexpectedly'
+    (raised by its SIGCHLD handler wherever the main process happens to be), or None for other errors."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    first = (str(exc).strip().splitlines() or [''])[0]
+    if not first.startswith('DataLoader worker'):
+        return None
+    now = f', now {num_workers}' if num_workers is not None else ''
+    return TrainingError(f'a data loader worker died ({first.rstrip(". ")}); if the system killed it for lack of '
+                         f'memory, use fewer workers (--num_workers{now}) or a smaller batch')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,7 +599,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn: StepFn, device
     optimizer.zero_grad(set_to_none=True)
     iterator = iter(loader)
     for i in logger.log_every(range(start, n_total), cfg.print_freq, f'{header} epoch [{epoch}]'):
-        batch = next(iterator)
+        batch = next_batch(iterator, loader)
         alpha = _alpha_for(cfg, epoch, i, n_total)
         with autocast(device, cfg.precision):
             try:
@@ -258,14 +657,19 @@ def _keeps_epoch_checkpoint(every: int, epoch: int, num_epochs: int) -> bool:
 def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn: StepFn, config: Mapping,
         engine_cfg: EngineConfig, device: torch.device, output_dir: str, num_epochs: int,
         state: TrainState | None = None, evaluate_fn: Callable[[int], dict] | None = None,
-        best_metric: str | None = None, save_epoch_checkpoints: bool = True) -> TrainState:
+        best_metric: str | None = None, save_epoch_checkpoints: bool = True,
+        guard: RunGuard | None = None) -> TrainState:
     """Train for `num_epochs`, evaluating after each epoch, logging one JSON line per epoch and checkpointing.
 
     Checkpoints: `checkpoint_last.pth` (resume point: every epoch end and every `save_every_steps`),
     `checkpoint_XX.pth` when `save_epoch_checkpoints` (every `epoch_checkpoint_every` epochs, and the last epoch),
     and `checkpoint_best.pth` whenever `evaluate_fn(epoch)[best_metric]` improves.
+    `guard` (see RunGuard; `train` installs one for SIGTERM) records each resume point written; a write that
+    fails for lack of space or permission ends the run with one line naming the file, earlier files intact.
     """
     state = state or TrainState()
+    guard = guard or RunGuard(output_dir)
+    guard.state = state
     os.makedirs(output_dir, exist_ok=True)
     log_path = os.path.join(output_dir, 'log.txt')
     sampler = getattr(train_loader, 'sampler', None)
@@ -275,10 +679,14 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
         if bad is not None:  # never replace the last good checkpoint by a diverged one
             raise TrainingError(f'non-finite weights ({bad}) when saving {name} (epoch {s.epoch}, {s.step_in_epoch} '
                                 f'steps done): training diverged; stopping (the last good checkpoint is kept)')
-        if utils.is_main_process():
-            utils.atomic_save(build_checkpoint(model_without_ddp, optimizer, scheduler, config, s),
-                              os.path.join(output_dir, name))
-        utils.barrier()
+        path = os.path.join(output_dir, name)
+        with guard.critical():
+            if utils.is_main_process():
+                save_checkpoint_file(build_checkpoint(model_without_ddp, optimizer, scheduler, config, s), path,
+                                     guard)
+            utils.barrier()
+            if name == 'checkpoint_last.pth':
+                guard.keep(path, s)
 
     start_time = time.time()
     last_record: dict = {}
@@ -290,12 +698,18 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
             sampler.set_epoch(epoch)
         if epoch > 0 and state.step_in_epoch == 0:
             _step_scheduler(scheduler, epoch + engine_cfg.warmup_steps, config, last_record)
-        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, step_fn, device, engine_cfg,
-                                      state, save_fn=save)
+        try:
+            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, step_fn, device, engine_cfg,
+                                          state, save_fn=save)
+            eval_stats = evaluate_fn(epoch) if evaluate_fn is not None else None
+        except RuntimeError as e:  # a worker's death surfaces wherever the main process happens to be
+            err = worker_death_error(e, getattr(train_loader, 'num_workers', None))
+            if err is None:
+                raise
+            raise err from None
         record = {f'train_{k}': v for k, v in train_stats.items()}
         improved = False
         if evaluate_fn is not None:
-            eval_stats = evaluate_fn(epoch)
             record.update(eval_stats)
             if best_metric is not None:
                 value = float(eval_stats[best_metric])
@@ -305,7 +719,8 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
         record['time_s'] = round(time.time() - start_time, 1)
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if utils.is_main_process():
-            utils.append_json_line(log_path, record)
+            with guard.critical():
+                append_log_line(log_path, record, guard)
         last_record = record
         if save_epoch_checkpoints and _keeps_epoch_checkpoint(engine_cfg.epoch_checkpoint_every, epoch, num_epochs):
             save(state, f'checkpoint_{epoch:02d}.pth')
@@ -313,7 +728,8 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
             save(state, 'checkpoint_best.pth')
         save(state)
     if best_metric is not None and utils.is_main_process() and state.best_epoch is not None:
-        utils.append_json_line(log_path, {'best_epoch': state.best_epoch, f'best_{best_metric}': state.best})
+        with guard.critical():
+            append_log_line(log_path, {'best_epoch': state.best_epoch, f'best_{best_metric}': state.best}, guard)
     print(f'Training time {time.time() - start_time:.1f} s', flush=True)
     return state
 
@@ -377,7 +793,8 @@ def build_optimizer_and_scheduler(config: Mapping, model_without_ddp):
     return optimizer, lr_scheduler, epoch_count(config['schedular'])
 
 
-def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_scheduler) -> TrainState:
+def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_scheduler,
+                    guard: RunGuard | None = None) -> TrainState:
     """With --resume, restore everything from --checkpoint or output_dir/checkpoint_last.pth; else a fresh state.
 
     The config must agree with the checkpoint's on the model and data shape (check_resume_config); once it does,
@@ -393,9 +810,18 @@ def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_sche
     check_resume_checkpoint(checkpoint, model_without_ddp, path)
     if 'config' in checkpoint:
         check_resume_config(checkpoint['config'], config, path)
-    state = restore_training(checkpoint, model_without_ddp, optimizer, lr_scheduler)
+    state = restore_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, path=path)
+    guard = guard or RunGuard(args.output_dir)
+    guard.keep(path, state)
     if utils.is_main_process():  # only now: a refused resume must leave the run's config.yaml as it was
-        utils.save_config(config, os.path.join(args.output_dir, 'config.yaml'))
+        config_path = os.path.join(args.output_dir, 'config.yaml')
+        try:
+            utils.save_config(config, config_path)
+        except Exception as e:  # noqa: BLE001 - a full or read-only disk becomes one line, anything else re-raised
+            err = guard.write_error(config_path, e)
+            if err is None:
+                raise
+            raise err from None
     print(f'resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch} of that epoch')
     return state
 
@@ -424,10 +850,12 @@ def train(args, config: Mapping, model, model_without_ddp, train_loader, step_fn
     Returns the final TrainState (best_epoch set when `best_metric` is given).
     """
     optimizer, lr_scheduler, num_epochs = build_optimizer_and_scheduler(config, model_without_ddp)
-    state = resume_training(args, config, model_without_ddp, optimizer, lr_scheduler)
-    cfg = engine_config(config, save_every_steps=args.save_every_steps, max_steps_per_epoch=args.max_steps_per_epoch,
-                        **engine_overrides)
-    return fit(model=model, model_without_ddp=model_without_ddp, train_loader=train_loader, optimizer=optimizer,
-               scheduler=lr_scheduler, step_fn=step_fn, config=config, engine_cfg=cfg, device=device,
-               output_dir=args.output_dir, num_epochs=num_epochs, state=state, evaluate_fn=evaluate_fn,
-               best_metric=best_metric, save_epoch_checkpoints=save_epoch_checkpoints)
+    guard = RunGuard(args.output_dir)
+    with guard.handle_sigterm():
+        state = resume_training(args, config, model_without_ddp, optimizer, lr_scheduler, guard=guard)
+        cfg = engine_config(config, save_every_steps=args.save_every_steps,
+                            max_steps_per_epoch=args.max_steps_per_epoch, **engine_overrides)
+        return fit(model=model, model_without_ddp=model_without_ddp, train_loader=train_loader, optimizer=optimizer,
+                   scheduler=lr_scheduler, step_fn=step_fn, config=config, engine_cfg=cfg, device=device,
+                   output_dir=args.output_dir, num_epochs=num_epochs, state=state, evaluate_fn=evaluate_fn,
+                   best_metric=best_metric, save_epoch_checkpoints=save_epoch_checkpoints, guard=guard)

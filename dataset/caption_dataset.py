@@ -11,13 +11,16 @@ import random
 
 from torch.utils.data import Dataset
 
-from dataset.utils import DataError, ImageDatasetBase, load_annotations, pre_caption, resolve_image_path
+from dataset.utils import (DataError, ImageDatasetBase, check_visible_text, load_annotations, pre_caption,
+                           resolve_image_path)
 
 
 def _path_checker(image_root: str, allow_absolute: bool, key: str = 'image'):
-    """An annotation check that refuses image paths escaping image_root (run once at construction)."""
+    """An annotation check that refuses image paths escaping image_root and captions without a visible character
+    (run once at construction)."""
     def check(item, where):
-        resolve_image_path(image_root, item[key], allow_absolute, where)
+        check_visible_text(item['caption'], 'caption', where)
+        resolve_image_path(image_root, item[key], allow_absolute, where, check_file_link=False)
     return check
 
 
@@ -33,7 +36,8 @@ class pretrain_dataset(ImageDatasetBase, Dataset):
         def check(item, where):
             if isinstance(item['caption'], list) and not item['caption']:
                 raise DataError(f'{where}: key \'caption\' is an empty list')
-            resolve_image_path(image_root, item['image'], allow_absolute_paths, where)
+            check_visible_text(item['caption'], 'caption', where)
+            resolve_image_path(image_root, item['image'], allow_absolute_paths, where, check_file_link=False)
 
         self.ann = load_annotations(ann_file, {'image': str, 'caption': (str, list)}, check=check)
         self.transform = transform

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from dataset.utils import DataError, ImageDatasetBase, load_annotations, pre_caption, resolve_image_path
+from dataset.utils import (DataError, ImageDatasetBase, check_visible_text, load_annotations, pre_caption,
+                           resolve_image_path)
 
 
 class grounding_dataset(ImageDatasetBase, Dataset):
@@ -19,7 +20,8 @@ class grounding_dataset(ImageDatasetBase, Dataset):
             raise DataError(f"grounding_dataset: mode must be 'train' or 'test', got {mode!r}")
 
         def check(item, where):
-            resolve_image_path(image_root, item['image'], allow_absolute_paths, where)
+            check_visible_text(item['text'], 'text', where)
+            resolve_image_path(image_root, item['image'], allow_absolute_paths, where, check_file_link=False)
 
         required = {'image': str, 'text': str}
         if mode == 'test':

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from dataset.utils import DataError, ImageDatasetBase, load_annotations, pre_caption, resolve_image_path
+from dataset.utils import (DataError, ImageDatasetBase, check_visible_text, load_annotations, pre_caption,
+                           resolve_image_path)
 
 
 class nlvr_dataset(ImageDatasetBase, Dataset):
@@ -21,9 +22,10 @@ class nlvr_dataset(ImageDatasetBase, Dataset):
             if len(item['images']) != 2:
                 raise DataError(f"{where}: key 'images' must list exactly 2 image paths, got {len(item['images'])}")
             for p in item['images']:
-                resolve_image_path(image_root, p, allow_absolute_paths, where)
+                resolve_image_path(image_root, p, allow_absolute_paths, where, check_file_link=False)
             if item['label'] not in ('True', 'False'):
                 raise DataError(f"{where}: key 'label' must be the string 'True' or 'False', got {item['label']!r}")
+            check_visible_text(item['sentence'], 'sentence', where)
 
         self.ann = load_annotations(ann_file, {'images': list, 'sentence': str, 'label': str},
                                     check=check)

@@ -10,6 +10,8 @@ import bisect
 import json
 import os
 import re
+import stat
+import unicodedata
 import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
@@ -20,7 +22,110 @@ from utils import UserError
 
 
 class DataError(UserError, ValueError):
-    """Bad input data (annotation file, annotation item or image). The message is one line naming the culprit."""
+    """Bad input data (annotation file, annotation item or image). The message is one line naming the culprit.
+
+    Raised inside a DataLoader worker, the error reaches the main process re-created by torch with the worker's
+    whole traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback ...");
+    the constructor recognises that form and keeps only the original one-line message.
+    """
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            original = worker_error_message(args[0], type(self))
+            if original is not None:
+                args = (original,)
+        super().__init__(*args)
+
+
+# How torch.utils.data re-raises an exception of a worker in the main process (torch._utils.ExceptionWrapper).
+_WORKER_HEADER = re.compile(r'Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback')
+
+
+def worker_error_message(message: str, exc_type: type) -> str | None:
+    """The original message of an exception that torch re-raised from a DataLoader worker, or None.
+
+    torch re-creates the worker's exception as `exc_type(text)` where text is a header plus the formatted
+    traceback, whose last line is '<module>.<Class>: <original message>'.
+    """
+    if not isinstance(message, str) or not _WORKER_HEADER.match(message):
+        return None
+    module, name = exc_type.__module__, exc_type.__qualname__
+    marker = (name if module in ('builtins', '__main__') else f'{module}.{name}') + ': '
+    k = message.rfind('\n' + marker)
+    if k < 0:
+        return None
+    return message[k + 1 + len(marker):].rstrip('\n')
+
+
+def unwrap_worker_error(exc: BaseException) -> BaseException | None:
+    """For a UserError re-raised by torch from a DataLoader worker: the same error type with the original one-line
+    message (the worker's traceback dropped); None for anything else."""
+    if not isinstance(exc, UserError) or not exc.args or not isinstance(exc.args[0], str):
+        return None
+    original = worker_error_message(exc.args[0], type(exc))
+    if original is None:
+        return None
+    try:
+        return type(exc)(original)
+    except Exception:  # noqa: BLE001 - a subclass with another constructor: keep the message, lose the type
+        return UserError(original)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers for messages and files
+# ----------------------------------------------------------------------------------------------------------------
+def brief(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, safe for values nested too deeply to repr (RecursionError)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f'<{type(value).__name__} nested too deeply to show>'
+    return text[:limit]
+
+
+def check_regular_file(path: str, what: str) -> None:
+    """Raise DataError unless `path` is a regular file (after symlinks): a directory, a FIFO, a socket or a device
+    would make the reader fail obscurely or block forever. A missing file raises FileNotFoundError (the callers
+    word that one themselves)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return
+    kind = ('a directory' if stat.S_ISDIR(mode) else 'a named pipe (FIFO)' if stat.S_ISFIFO(mode)
+            else 'a socket' if stat.S_ISSOCK(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else 'not a regular file')
+    raise DataError(f'{what} {path}: is {kind}, not a regular file')
+
+
+# Characters that draw nothing (or that the tokenizer drops) although their category is a letter or a symbol.
+# U+FFFD (the replacement character of a decoding error) is dropped by the BERT tokenizer.
+_BLANK_LETTERS = frozenset('\u115f\u1160\u3164\uffa0\u2800\u180e\ufffd')
+_INVISIBLE_CATEGORIES = frozenset(('Cc', 'Cf', 'Cs', 'Co', 'Cn', 'Zs', 'Zl', 'Zp', 'Mn', 'Me'))
+_ASCII_ALNUM = re.compile(r'[0-9A-Za-z]')
+
+
+def has_visible_text(text: str, normalise: Callable[[str], str] = None) -> bool:
+    """Whether `text` (after `normalise`, default pre_caption without truncation) keeps a visible character.
+
+    Empty strings, whitespace, punctuation that normalisation deletes, and format or control characters alone
+    (zero-width space U+200B, joiners, BOM, soft hyphen, combining marks without a base, Hangul fillers) give an
+    empty input to the text encoder: MLM has nothing to mask and every loss on it is meaningless (NaN when a whole
+    batch is like that).
+    """
+    if _ASCII_ALNUM.search(text):  # fast path: letters and digits survive normalisation
+        return True
+    normalised = (normalise or (lambda t: pre_caption(t, max_words=1 << 30)))(text)
+    return any(not ch.isspace() and ch not in _BLANK_LETTERS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES
+               for ch in normalised)
+
+
+def check_visible_text(value, key: str, where: str, normalise: Callable[[str], str] = None) -> None:
+    """DataError naming the item and key when the text (or an entry of a list of texts) has no visible character."""
+    texts = value if isinstance(value, list) else [value]
+    for j, text in enumerate(texts):
+        if isinstance(text, str) and not has_visible_text(text, normalise):
+            entry = f' entry {j}' if isinstance(value, list) else ''
+            raise DataError(f'{where}: key {key!r}{entry} is empty (no visible characters after normalisation: '
+                            f'{brief(text, 40)})')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,15 +241,7 @@ def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotat
     items: list = []
     starts: list[int] = []
     for path in files:
-        try:
-            with open(path, encoding='utf-8') as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise DataError(f'{what} {path}: file not found') from None
-        except json.JSONDecodeError as e:
-            raise DataError(f'{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f'{path}: cannot read ({e})') from None
+        data = read_json_file(path, what)
         if not isinstance(data, list):
             raise DataError(f'{path}: expected a JSON list of objects, got {type(data).__name__}')
         if not data:
@@ -166,7 +263,7 @@ def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotat
                     ok = all(isinstance(v, str) for v in value)
                 if not ok:
                     raise DataError(f'{path} item {i}: key {key!r} must be {_type_name(types)}'
-                                    f'{" of strings" if list in ok_types else ""}, got {value!r:.80}')
+                                    f'{" of strings" if list in ok_types else ""}, got {brief(value)}')
             if check is not None:
                 check(item, f'{path} item {i}')
         starts.append(len(items))
@@ -174,42 +271,92 @@ def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotat
     return Annotations(items, files, starts)
 
 
+def read_json_file(path: str, what: str = 'annotation file'):
+    """Parse a JSON file, or raise a one-line DataError naming it: missing, not a regular file (a FIFO would block
+    forever), unreadable, not UTF-8, invalid JSON, or nested deeper than the parser's recursion limit."""
+    try:
+        check_regular_file(path, what)
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f'{what} {path}: file not found') from None
+    except json.JSONDecodeError as e:
+        raise DataError(f'{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})') from None
+    except RecursionError:
+        raise DataError(f'{path}: JSON nested too deeply to parse (arrays or objects inside each other beyond '
+                        f'the recursion limit); an annotation file needs only a list of flat objects') from None
+    except UnicodeDecodeError as e:
+        raise DataError(f'{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})') from None
+    except OSError as e:
+        raise DataError(f'{path}: cannot read ({e.strerror or e})') from None
+    except DataError:
+        raise
+    except ValueError as e:  # a path with a NUL character
+        raise DataError(f'{what} {path!r}: not a valid file name ({e})') from None
+
+
 def load_answer_list(path) -> list[str]:
     """The VQA candidate answers: a non-empty JSON list of strings."""
     if not path:
         raise DataError('answer_list: a path to a JSON list of answer strings is required for the test split')
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f'answer_list {path}: file not found') from None
-    except json.JSONDecodeError as e:
-        raise DataError(f'{path}: not valid JSON ({e.msg} at line {e.lineno})') from None
+    data = read_json_file(path, 'answer_list')
     if not isinstance(data, list) or not data:
         raise DataError(f'{path}: expected a non-empty JSON list of answer strings')
     for i, a in enumerate(data):
         if not isinstance(a, str):
-            raise DataError(f'{path} item {i}: answers must be strings, got {a!r:.80}')
+            raise DataError(f'{path} item {i}: answers must be strings, got {brief(a)}')
     return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image paths and image decoding
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_image_path(image_root: str, rel: str, allow_absolute: bool, where: str) -> str:
+_REAL_DIRS: dict[str, str] = {}
+
+
+def _real_dir(path: str) -> str:
+    """os.path.realpath of a folder, cached (annotation files name few folders for many images)."""
+    real = _REAL_DIRS.get(path)
+    if real is None:
+        real = os.path.realpath(path)
+        if len(_REAL_DIRS) < 100_000:
+            _REAL_DIRS[path] = real
+    return real
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolve_image_path(image_root: str, rel: str, allow_absolute: bool, where: str, *,
+                       check_file_link: bool = True) -> str:
     """Join `rel` to `image_root`, refusing paths that escape the root unless `allow_absolute`.
 
-    Escaping = an absolute path or a '..' component. With allow_absolute, the path is used as os.path.join does
-    (absolute paths ignore the root; an empty root leaves relative paths relative to the working directory).
+    Escaping = an absolute path, a '..' component, or a symbolic link (a folder on the way, or with
+    `check_file_link` the file itself) that leads outside the real path of image_root. With allow_absolute, the
+    path is used as os.path.join does (absolute paths ignore the root; an empty root leaves relative paths relative
+    to the working directory). Folder real paths are cached; the datasets check the file's own link only when they
+    open it (`check_file_link=False` at construction keeps loading a large annotation file free of per-item stats).
     """
-    if not isinstance(rel, str) or not rel:
-        raise DataError(f'{where}: image path must be a non-empty string, got {rel!r}')
+    if not isinstance(rel, str) or not rel or '\x00' in rel:
+        raise DataError(f'{where}: image path must be a non-empty string without NUL characters, got {brief(rel)}')
+    path = os.path.join(image_root or '', rel)
     if not allow_absolute:
         parts = re.split(r'[\\/]', rel)
         if os.path.isabs(rel) or rel.startswith(('/', '\\')) or '..' in parts:
             raise DataError(f'{where}: image path {rel!r} escapes image_root {image_root!r} '
                             f'(absolute or with ..); pass allow_absolute_paths=True to allow it')
-    return os.path.join(image_root or '', rel)
+        try:
+            root = _real_dir(image_root or '.')
+            real = os.path.join(_real_dir(os.path.dirname(path) or '.'), os.path.basename(path))
+            if check_file_link and os.path.islink(real):
+                real = os.path.realpath(real)
+        except ValueError as e:  # a name the file system cannot encode (a lone surrogate from a JSON escape)
+            raise DataError(f'{where}: image path {brief(rel)} is not a valid file name ({e})') from None
+        if not _inside(real, root):
+            raise DataError(f'{where}: image path {rel!r} escapes image_root {image_root!r} through a symbolic '
+                            f'link (it leads to {real}); pass allow_absolute_paths=True to allow it')
+    return path
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -245,6 +392,14 @@ def open_image_rgb(path: str, where: str = '') -> Image.Image:
     Truncated files are errors (ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left False).
     """
     prefix = f'{where}: ' if where else ''
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # Image.open below says what is wrong
+    except ValueError:  # e.g. an embedded NUL character
+        raise DataError(f'{prefix}image path is not a valid file name: {path!r}') from None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a FIFO blocks Image.open forever
+        raise DataError(f'{prefix}image path is not a regular file (a named pipe, socket or device): {path}')
     try:
         img = Image.open(path)
         try:

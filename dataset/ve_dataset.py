@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from dataset.utils import DataError, ImageDatasetBase, load_annotations, pre_caption, resolve_image_path
+from dataset.utils import (DataError, ImageDatasetBase, check_visible_text, load_annotations, pre_caption,
+                           resolve_image_path)
 
 LABELS = {'entailment': 2, 'neutral': 1, 'contradiction': 0}
 
@@ -18,7 +19,8 @@ class ve_dataset(ImageDatasetBase, Dataset):
         def check(item, where):
             if item['label'] not in LABELS:
                 raise DataError(f"{where}: key 'label' must be one of {', '.join(LABELS)}, got {item['label']!r}")
-            resolve_image_path(image_root, item['image'] + '.jpg', allow_absolute_paths, where)
+            check_visible_text(item['sentence'], 'sentence', where)
+            resolve_image_path(image_root, item['image'] + '.jpg', allow_absolute_paths, where, check_file_link=False)
 
         self.ann = load_annotations(ann_file, {'image': str, 'sentence': str, 'label': str}, check=check)
         self.transform = transform

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from dataset.utils import (DataError, ImageDatasetBase, load_annotations, load_answer_list, pre_question,
-                           resolve_image_path)
+from dataset.utils import (DataError, ImageDatasetBase, check_visible_text, load_annotations, load_answer_list,
+                           pre_question, resolve_image_path)
 
 ROOT_KEYS = {'vqa': 'vqa_root', 'vg': 'vg_root'}
 
@@ -47,7 +47,9 @@ class vqa_dataset(ImageDatasetBase, Dataset):
                                     f"'vqa', got {ans!r:.80}")
                 if ds == 'vg' and split == 'train' and not isinstance(ans, str):
                     raise DataError(f"{where}: key 'answer' must be a string for dataset 'vg', got {ans!r:.80}")
-            resolve_image_path(self.roots[ds], item['image'], allow_absolute_paths, where)
+            check_visible_text(item['question'], 'question', where,
+                               normalise=lambda q: pre_question(q, max_ques_words=1 << 30).strip())
+            resolve_image_path(self.roots[ds], item['image'], allow_absolute_paths, where, check_file_link=False)
 
         required = {'question': str, 'image': str, 'dataset': str}
         if split == 'test':

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,7 +40,7 @@ from utils import UserError
 
 __all__ = ['CheckpointError', 'load_checkpoint', 'read_checkpoint', 'unwrap_state_dict', 'detect_kind',
            'remap_state_dict', 'check_state_dict', 'resample_pos_embed', 'text_layout', 'canonical_variant',
-           'shared_key_groups', 'SUPPORTED_SOURCES', 'KINDS']
+           'shared_key_groups', 'first_non_finite', 'dtype_mismatches', 'SUPPORTED_SOURCES', 'KINDS']
 
 KINDS = ('pretrain', 'retrieval', 'vqa', 'nlvr', 've', 'pretrain_nlvr')
 VARIANT_ALIASES = {'grounding': 'retrieval'}
@@ -194,6 +195,8 @@ def read_checkpoint(source, *, allow_pickle: bool = False, check_hash: bool = Fa
         raise CheckpointError(f'checkpoint file not found: {source}')
     if os.path.isdir(source):
         raise CheckpointError(f'checkpoint path is a directory, not a file: {source}')
+    if not stat.S_ISREG(os.stat(source).st_mode):  # torch.load would block forever on a FIFO
+        raise CheckpointError(f'checkpoint path is not a regular file (a named pipe, socket or device): {source}')
     if source.endswith('.safetensors'):
         from safetensors.torch import load_file
         try:
@@ -454,6 +457,40 @@ def remap_state_dict(state_dict: Mapping, source_kind: str, variant: str, target
 # ------------------------------------------------------------------------------------------------------------
 # Checking
 # ------------------------------------------------------------------------------------------------------------
+def first_non_finite(state_dict: Mapping) -> str | None:
+    """The first key (in order) of a floating-point or complex tensor holding NaN or inf, or None (meta tensors,
+    which hold no values, are skipped)."""
+    for k, v in state_dict.items():
+        if (torch.is_tensor(v) and not v.is_meta and (v.is_floating_point() or v.is_complex())
+                and not torch.isfinite(v).all()):
+            return k
+    return None
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return 'complex'
+    if dtype.is_floating_point:
+        return 'floating'
+    return 'bool' if dtype == torch.bool else 'integer'
+
+
+def dtype_mismatches(state_dict: Mapping, target: Mapping) -> list[str]:
+    """'key: checkpoint <dtype> vs model <dtype>' for every shared key whose kinds of dtype differ.
+
+    Floating into floating (fp16 / bf16 / fp32 / fp64) converts fine; integer, bool or complex values into a
+    floating tensor (or the reverse) would be cast silently (every weight read as 0 or 1, imaginary parts dropped).
+    """
+    out = []
+    for k in state_dict:
+        if k in target and torch.is_tensor(state_dict[k]):
+            have, want = state_dict[k].dtype, target[k].dtype
+            if _dtype_kind(have) != _dtype_kind(want):
+                out.append(f'{k}: checkpoint {str(have).replace("torch.", "")} vs model '
+                           f'{str(want).replace("torch.", "")}')
+    return out
+
+
 def shared_key_groups(module: torch.nn.Module):
     """Lists of state-dict keys that name the same tensor in `module` (tied embeddings, NLVR key/value pairs)."""
     by_id = {}
@@ -478,6 +515,15 @@ def check_state_dict(state_dict: dict, target: Mapping, source_kind: str, varian
     _, pair_missing, pair_unexpected = PAIR_RULES[(source_kind, variant)]
     if source_has_momentum is None:
         source_has_momentum = any(_is_momentum(k) for k in state_dict)
+    bad = first_non_finite(state_dict)
+    if bad is not None:  # before the shared-tensor comparison, where NaN != NaN would blame tied weights
+        raise CheckpointError(f'checkpoint holds non-finite values (NaN or inf) in {bad}: it comes from a diverged '
+                              f'run or is corrupt')
+    bad_dtype = dtype_mismatches(state_dict, target)
+    if bad_dtype:
+        raise CheckpointError(f"'{source_kind}' checkpoint does not fit the '{variant}' model: dtype mismatch "
+                              f"{_short_list(bad_dtype, 4)} (integer, bool or complex values cannot stand for "
+                              f"floating-point weights)")
 
     for group in shared_groups:
         given = [k for k in group if k in state_dict]
@@ -541,8 +587,11 @@ def load_checkpoint(model: torch.nn.Module, source, variant: str, *, source_kind
     source_kind: 'auto' (detect from the keys) or one of KINDS to override detection.
     allow_pickle: allow files holding pickled code (only for trusted files; CLI --unsafe_load).
 
-    Raises CheckpointError when the file cannot be read or the checkpoint does not fit the model beyond the
-    differences expected for the (source kind -> variant) pair; a same-variant checkpoint loads strictly.
+    Raises CheckpointError when the file cannot be read (missing, not a regular file, truncated, pickled code),
+    holds NaN or inf (naming the first such key), or does not fit the model beyond the differences expected for the
+    (source kind -> variant) pair, including dtypes: floating into floating converts, integer / bool / complex
+    values where the model has floating-point tensors (or the reverse) are refused, since a cast would silently
+    turn every weight into 0 or 1. A same-variant checkpoint loads strictly.
     Returns a report dict: source, source_kind, variant, wrapped, source_has_momentum, remaps (list of str),
     missing / unexpected (keys left at model values / ignored), momentum_copied (momentum modules filled from
     the online weights), strict (True when nothing was missing or ignored).
@@ -556,6 +605,10 @@ def load_checkpoint(model: torch.nn.Module, source, variant: str, *, source_kind
                               f"'{model_kind}' model")
     obj = read_checkpoint(source, allow_pickle=allow_pickle)
     sd, wrapped = unwrap_state_dict(obj, where)
+    bad = first_non_finite(sd)  # named as in the file, before the remaps rename keys
+    if bad is not None:
+        raise CheckpointError(f'{where}: non-finite values (NaN or inf) in {bad}: the checkpoint comes from a '
+                              f'diverged run or is corrupt')
     if source_kind == 'auto':
         source_kind = detect_kind(sd)
     else:

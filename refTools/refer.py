@@ -8,8 +8,11 @@ images, annotations, categories) and builds the lookup tables. Grounding uses `R
 Deliberate differences from the original (refer_python3.py):
 
 * errors raise `ReferError` (a ValueError) with a one-line message naming the file / item / argument: unknown
-  dataset or split (the original printed and called exit()), a missing file (names the path), a ref whose ann_id
-  is not in instances.json, malformed records;
+  dataset or split (the original printed and called exit()), a missing file (names the path) or one that is not a
+  regular file (a FIFO would block the reader forever), a ref whose ann_id or image_id is not in instances.json,
+  malformed records (ids that are not ints, a split that is not a string, sentences that are not a list, the
+  referenced annotation without a 4-number bbox or its image without a positive width and height), JSON nested
+  beyond the parser's recursion limit;
 * the pickle is read with an unpickler that only builds plain containers (dict, list, str, numbers), so a
   tampered refs file cannot run code; Python-2 byte strings that are not ASCII are decoded as latin-1;
 * `getRefIds(image_ids=...)` returns the refs of those images (the original built a list of lists and crashed);
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
+import stat
 import time
 from typing import Any
 
@@ -64,11 +69,42 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f'refuses to load {module}.{name} (only plain data is allowed)')
 
 
+def _check_file(path: str, what: str) -> None:
+    """ReferError for a missing path or one that is not a regular file (reading a FIFO would block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ReferError(f'REFER {what} file not found: {path}') from None
+    except (OSError, ValueError) as e:
+        raise ReferError(f'REFER {what} file {path}: cannot read ({e})') from None
+    if not stat.S_ISREG(mode):
+        kind = 'a directory' if stat.S_ISDIR(mode) else 'a named pipe (FIFO)' if stat.S_ISFIFO(mode) else 'special'
+        raise ReferError(f'REFER {what} file {path}: is {kind}, not a regular file')
+
+
+def _brief(value, limit: int = 60) -> str:
+    try:
+        return repr(value)[:limit]
+    except RecursionError:
+        return f'<{type(value).__name__} nested too deeply to show>'
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_box(x) -> bool:
+    return (isinstance(x, (list, tuple)) and len(x) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x))
+
+
 def _load_refs(path: str) -> list:
-    if not os.path.isfile(path):
-        raise ReferError(f'REFER refs file not found: {path}')
-    with open(path, 'rb') as f:
-        raw = f.read()
+    _check_file(path, 'refs')
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        raise ReferError(f'REFER refs file {path}: cannot read ({e.strerror or e})') from None
     try:
         try:
             refs = _PlainUnpickler(io.BytesIO(raw)).load()
@@ -82,13 +118,19 @@ def _load_refs(path: str) -> list:
 
 
 def _load_instances(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ReferError(f'REFER instances file not found: {path}')
+    _check_file(path, 'instances')
     try:
         with open(path, 'r', encoding='utf-8') as f:
             instances = json.load(f)
     except json.JSONDecodeError as e:
         raise ReferError(f'REFER instances file {path} is not valid JSON: {e}') from None
+    except RecursionError:
+        raise ReferError(f'REFER instances file {path}: JSON nested too deeply to parse') from None
+    except UnicodeDecodeError as e:
+        raise ReferError(f'REFER instances file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset '
+                         f'{e.start})') from None
+    except OSError as e:
+        raise ReferError(f'REFER instances file {path}: cannot read ({e.strerror or e})') from None
     for key in ('images', 'annotations', 'categories'):
         if not isinstance(instances, dict) or not isinstance(instances.get(key), list):
             raise ReferError(f"REFER instances file {path} has no '{key}' list")
@@ -128,15 +170,22 @@ class REFER:
         for k, ann in enumerate(self.data['annotations']):
             if not isinstance(ann, dict) or 'id' not in ann or 'image_id' not in ann:
                 raise ReferError(f"{where}: annotations[{k}] needs 'id' and 'image_id'")
+            for key in ('id', 'image_id'):
+                if not _is_int(ann[key]):
+                    raise ReferError(f"{where}: annotations[{k}] key '{key}' must be an int, got {_brief(ann[key])}")
             Anns[ann['id']] = ann
             imgToAnns.setdefault(ann['image_id'], []).append(ann)
         for k, img in enumerate(self.data['images']):
             if not isinstance(img, dict) or 'id' not in img:
                 raise ReferError(f"{where}: images[{k}] has no 'id'")
+            if not _is_int(img['id']):
+                raise ReferError(f"{where}: images[{k}] key 'id' must be an int, got {_brief(img['id'])}")
             Imgs[img['id']] = img
         for k, cat in enumerate(self.data['categories']):
             if not isinstance(cat, dict) or 'id' not in cat or 'name' not in cat:
                 raise ReferError(f"{where}: categories[{k}] needs 'id' and 'name'")
+            if not _is_int(cat['id']):
+                raise ReferError(f"{where}: categories[{k}] key 'id' must be an int, got {_brief(cat['id'])}")
             Cats[cat['id']] = cat['name']
 
         Refs, imgToRefs, refToAnn, annToRef, catToRefs = {}, {}, {}, {}, {}
@@ -146,11 +195,22 @@ class REFER:
                 raise ReferError(f'{self.ref_file}: ref {k} is not a dict')
             for key in _REF_KEYS:
                 if key not in ref:
-                    raise ReferError(f"{self.ref_file}: ref {k} (ref_id {ref.get('ref_id')!r}) has no '{key}'")
+                    raise ReferError(f"{self.ref_file}: ref {k} (ref_id {_brief(ref.get('ref_id'))}) has no '{key}'")
+            self._check_ref(ref, k)
             ref_id, ann_id = ref['ref_id'], ref['ann_id']
             if ann_id not in Anns:
                 raise ReferError(f'{self.ref_file}: ref_id {ref_id!r} points to ann_id {ann_id!r}, which is not '
                                  f'in {where}')
+            img = Imgs.get(ref['image_id'])
+            if img is None:
+                raise ReferError(f"{self.ref_file}: ref_id {ref_id!r} points to image_id {ref['image_id']!r}, which is "
+                                 f"not in {where}")
+            if not all(_is_int(img.get(k)) and img[k] > 0 for k in ('width', 'height')):
+                raise ReferError(f"{where}: the image {ref['image_id']} of ref_id {ref_id} needs positive int 'width' "
+                                 f"and 'height', got {_brief(img.get('width'))} x {_brief(img.get('height'))}")
+            if not _is_box(Anns[ann_id].get('bbox')):
+                raise ReferError(f"{where}: the annotation {ann_id} of ref_id {ref_id} needs 'bbox' [x, y, w, h] "
+                                 f"(4 finite numbers), got {_brief(Anns[ann_id].get('bbox'))}")
             Refs[ref_id] = ref
             imgToRefs.setdefault(ref['image_id'], []).append(ref)
             catToRefs.setdefault(ref['category_id'], []).append(ref)
@@ -159,6 +219,9 @@ class REFER:
             for sent in ref['sentences']:
                 if not isinstance(sent, dict) or 'sent_id' not in sent:
                     raise ReferError(f"{self.ref_file}: ref_id {ref_id!r} has a sentence without 'sent_id'")
+                if not _is_int(sent['sent_id']):
+                    raise ReferError(f"{self.ref_file}: ref_id {ref_id!r} has a sentence whose 'sent_id' is not an "
+                                     f"int: {_brief(sent['sent_id'])}")
                 Sents[sent['sent_id']] = sent
                 sentToRef[sent['sent_id']] = ref
                 sentToTokens[sent['sent_id']] = sent.get('tokens')
@@ -166,6 +229,17 @@ class REFER:
         self.Refs, self.imgToRefs, self.refToAnn, self.annToRef, self.catToRefs = (
             Refs, imgToRefs, refToAnn, annToRef, catToRefs)
         self.Sents, self.sentToRef, self.sentToTokens = Sents, sentToRef, sentToTokens
+
+    def _check_ref(self, ref: dict, k: int) -> None:
+        """ReferError naming the refs file and the ref for a record whose values have the wrong types."""
+        name = f"{self.ref_file}: ref {k} (ref_id {_brief(ref['ref_id'])})"
+        for key in ('ref_id', 'ann_id', 'image_id', 'category_id'):
+            if not _is_int(ref[key]):
+                raise ReferError(f"{name}: key '{key}' must be an int, got {_brief(ref[key])}")
+        if not isinstance(ref['split'], str):
+            raise ReferError(f"{name}: key 'split' must be a string, got {_brief(ref['split'])}")
+        if not isinstance(ref['sentences'], list):
+            raise ReferError(f"{name}: key 'sentences' must be a list, got {_brief(ref['sentences'])}")
 
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod
