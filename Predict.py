@@ -144,7 +144,7 @@ def search_folder(args) -> list[dict]:
     png = args.out or 'search.png'
     report = os.path.splitext(png)[0] + '.json'
     check_outputs([png, report], [], args.overwrite)
-    paths = list_images(args.images)
+    list_images(args.images)  # a missing or empty folder is refused before the model is loaded
     model = load_model(args.checkpoint, config=args.config, text_encoder=args.text_encoder, device=args.device,
                        precision=args.precision, unsafe_load=args.unsafe_load)
     model._require('itm_score')
@@ -177,8 +177,8 @@ def search_folder(args) -> list[dict]:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.tile_size < 16 or (args.cols is not None and args.cols < 1):
-        raise utils.UserError('--tile_size must be >= 16 and --cols >= 1')
+    if not 16 <= args.tile_size <= 2048 or (args.cols is not None and not 1 <= args.cols <= 64):
+        raise utils.UserError('--tile_size must be in [16, 2048] and --cols in [1, 64]')
     return search_folder(args) if args.images else explain(args)
 
 

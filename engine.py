@@ -8,8 +8,6 @@ exactly (model with momentum encoders and queues, optimizer, scheduler, epoch, s
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import math
 import os
 import random
@@ -358,30 +356,10 @@ def check_resume_config(saved: Mapping, current: Mapping, path: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # What a run keeps: SIGTERM, full disks, data loader workers
 # ----------------------------------------------------------------------------------------------------------------
-EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, the shell's status for a process ended by SIGTERM
+EXIT_TERMINATED = utils.EXIT_TERMINATED  # 143, the shell's status for a process ended by SIGTERM
 
-_DISK_REASONS = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
-                 errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
-                 errno.EPERM: 'operation not permitted', errno.EFBIG: 'file too large', errno.EIO: 'input/output error'}
-
-
-def os_error_in(exc: BaseException | None) -> OSError | None:
-    """The OSError that caused `exc` (itself, or along its __cause__ / __context__ chain), or None.
-
-    torch.save turns a failed write into a RuntimeError ('unexpected pos ...') raised while the OSError that
-    caused it is being handled."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def describe_os_error(e: OSError) -> str:
-    code = errno.errorcode.get(e.errno, str(e.errno))
-    return f'{_DISK_REASONS.get(e.errno) or (e.strerror or str(e)).lower()} ({code})'
+# Which OSError made a write fail, and how to say it in words: one home, in utils.
+os_error_in, describe_os_error = utils.os_error_in, utils.describe_os_error
 
 
 class RunGuard:
@@ -508,26 +486,12 @@ def save_checkpoint_file(obj, path: str, guard: RunGuard) -> None:
 
 
 def append_log_line(path: str, record: Mapping, guard: RunGuard) -> None:
-    """Append one JSON line to log.txt, all or nothing: a failed write (disk full) is cut back off the file, so
-    that it keeps only whole lines, and ends the run with one line naming it."""
-    data = (json.dumps(record) + '\n').encode('utf-8')
+    """utils.append_json_line (all or nothing), with a failed write ending the run in one line that also says
+    what is kept and how to continue."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise guard.write_error(path, e) from None
-    try:
-        start = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-            raise guard.write_error(path, e) from None
-    finally:
-        os.close(fd)
+        utils.append_json_line(path, record)
+    except utils.WriteError as e:
+        raise guard.write_error(path, e.__cause__) from None
 
 
 def next_batch(iterator, loader):

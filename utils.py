@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
+import errno
 import datetime
 import difflib
 import io
@@ -14,8 +16,10 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict, deque
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,8 +32,54 @@ import torch.distributed as dist
 # ----------------------------------------------------------------------------------------------------------------
 # Errors meant for the user: one line, no traceback (unless --debug)
 # ----------------------------------------------------------------------------------------------------------------
+# How torch.utils.data re-raises an exception of a worker in the main process (torch._utils.ExceptionWrapper).
+_WORKER_HEADER = re.compile(r'Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback')
+
+
+def worker_error_message(message: str, exc_type: type) -> str | None:
+    """The original message of an exception that torch re-raised from a DataLoader worker, or None.
+
+    torch re-creates the worker's exception as `exc_type(text)` where text is a header plus the formatted
+    traceback, whose last line is '<module>.<Class>: <original message>'.
+    """
+    if not isinstance(message, str) or not _WORKER_HEADER.match(message):
+        return None
+    module, name = exc_type.__module__, exc_type.__qualname__
+    marker = (name if module in ('builtins', '__main__') else f'{module}.{name}') + ': '
+    k = message.rfind('\n' + marker)
+    if k < 0:
+        return None
+    return message[k + 1 + len(marker):].rstrip('\n')
+
+
+def unwrap_worker_error(exc: BaseException) -> BaseException | None:
+    """For a UserError re-raised by torch from a DataLoader worker: the same error type with the original one-line
+    message (the worker's traceback dropped); None for anything else."""
+    if not isinstance(exc, UserError) or not exc.args or not isinstance(exc.args[0], str):
+        return None
+    original = worker_error_message(exc.args[0], type(exc))
+    if original is None:
+        return None
+    try:
+        return type(exc)(original)
+    except Exception:  # noqa: BLE001 - a subclass with another constructor: keep the message, lose the type
+        return UserError(original)
+
+
 class UserError(Exception):
-    """An error caused by the user's input (config, data, checkpoint, flags). Printed as one line."""
+    """An error caused by the user's input (config, data, checkpoint, flags). Printed as one line.
+
+    Raised inside a DataLoader worker, the error reaches the main process re-created by torch with the worker's
+    whole traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback ...");
+    the constructor recognises that form and keeps only the original one-line message.
+    """
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            original = worker_error_message(args[0], type(self))
+            if original is not None:
+                args = (original,)
+        super().__init__(*args)
 
 
 class ConfigError(UserError, ValueError):
@@ -806,21 +856,65 @@ def _drop_pending_config() -> None:
         folder = os.path.dirname(folder)
 
 
+_DISK_REASONS = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
+                 errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
+                 errno.EPERM: 'operation not permitted', errno.EFBIG: 'file too large', errno.EIO: 'input/output error'}
+
+
+def os_error_in(exc: BaseException | None) -> OSError | None:
+    """The OSError that caused `exc` (itself, or along its __cause__ / __context__ chain), or None.
+
+    torch.save turns a failed write into a RuntimeError ('unexpected pos ...') raised while the OSError that
+    caused it is being handled."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(e: OSError) -> str:
+    """'no space left on the device (ENOSPC)' and the like."""
+    code = errno.errorcode.get(e.errno, str(e.errno))
+    return f'{_DISK_REASONS.get(e.errno) or (e.strerror or str(e)).lower()} ({code})'
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, quota, read-only, permissions); its __cause__ is the OSError."""
+
+
+def _write_error(path: str, exc: BaseException) -> BaseException:
+    """`exc` as a one-line WriteError naming `path` when an OSError caused it, else `exc` itself."""
+    e = os_error_in(exc)
+    if e is None or isinstance(exc, UserError):
+        return exc
+    err = WriteError(f'cannot write {path}: {describe_os_error(e)}')
+    err.__cause__ = e
+    return err
+
+
 def _atomic_write(path: str, write) -> None:
     _write_pending_config(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix=TMP_SUFFIX, dir=directory)
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a partial one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        err = _write_error(path, exc)
+        if err is exc:
+            raise
+        raise err from err.__cause__
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -849,12 +943,27 @@ def remove_partial_files(directory: str) -> list[str]:
 
 
 def append_json_line(path: str, record: Mapping) -> None:
-    """Append one JSON object as a line (log.txt), flushed to disk."""
+    """Append one JSON object as a line (log.txt), flushed to disk, all or nothing: a failed write (disk full) is
+    cut back off the file, so that it keeps only whole lines, and raises a one-line WriteError naming it."""
     _write_pending_config(path)
-    with open(path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+    data = (json.dumps(record) + '\n').encode('utf-8')
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise _write_error(path, e) from e
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -977,6 +1086,7 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 EXIT_USER_ERROR = 2    # bad config, data, checkpoint or flags: the one-line message says what to fix
 EXIT_PEER_LOST = 3     # another rank of a distributed run failed or was killed; this rank stopped on its own
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, the shell's status for a process ended by SIGTERM
 
 # What torch.distributed backends say when the other end of a collective is gone (gloo raises plain RuntimeErrors
 # from its transport, e.g. "Read error ...: Connection reset by peer"; other code paths raise DistError).
@@ -1019,6 +1129,7 @@ def run_cli(main, argv: Sequence[str] | None = None) -> int:
     re-raised with their traceback. Anything else is a bug and keeps its traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous_sigterm = _install_sigterm_fallback()
     try:
         main(argv)
         _write_pending_config()  # a run that wrote nothing into its folder still gets its config.yaml
@@ -1042,6 +1153,23 @@ def run_cli(main, argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         _drop_pending_config()  # a run that failed before writing anything leaves its folder as it found it
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _on_sigterm_outside_training(signum, frame) -> None:
+    # Training installs its own handler (engine.RunGuard), which says what was kept; this one covers start-up,
+    # --evaluate runs and the evaluation after training, where nothing is being written that could be lost.
+    _print_error('stopped by SIGTERM (no training step was running; files written before are kept)')
+    raise SystemExit(EXIT_TERMINATED)
+
+
+def _install_sigterm_fallback():
+    """Make SIGTERM end a script with one line instead of silently; returns the handler it replaced (None when
+    not in the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm_outside_training)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,57 +18,14 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from utils import UserError
+from utils import UserError, unwrap_worker_error, worker_error_message  # noqa: F401 (re-exported)
 
 
 class DataError(UserError, ValueError):
     """Bad input data (annotation file, annotation item or image). The message is one line naming the culprit.
 
-    Raised inside a DataLoader worker, the error reaches the main process re-created by torch with the worker's
-    whole traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback ...");
-    the constructor recognises that form and keeps only the original one-line message.
+    Raised inside a DataLoader worker it keeps its one-line message (see utils.UserError).
     """
-
-    def __init__(self, *args):
-        if len(args) == 1 and isinstance(args[0], str):
-            original = worker_error_message(args[0], type(self))
-            if original is not None:
-                args = (original,)
-        super().__init__(*args)
-
-
-# How torch.utils.data re-raises an exception of a worker in the main process (torch._utils.ExceptionWrapper).
-_WORKER_HEADER = re.compile(r'Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback')
-
-
-def worker_error_message(message: str, exc_type: type) -> str | None:
-    """The original message of an exception that torch re-raised from a DataLoader worker, or None.
-
-    torch re-creates the worker's exception as `exc_type(text)` where text is a header plus the formatted
-    traceback, whose last line is '<module>.<Class>: <original message>'.
-    """
-    if not isinstance(message, str) or not _WORKER_HEADER.match(message):
-        return None
-    module, name = exc_type.__module__, exc_type.__qualname__
-    marker = (name if module in ('builtins', '__main__') else f'{module}.{name}') + ': '
-    k = message.rfind('\n' + marker)
-    if k < 0:
-        return None
-    return message[k + 1 + len(marker):].rstrip('\n')
-
-
-def unwrap_worker_error(exc: BaseException) -> BaseException | None:
-    """For a UserError re-raised by torch from a DataLoader worker: the same error type with the original one-line
-    message (the worker's traceback dropped); None for anything else."""
-    if not isinstance(exc, UserError) or not exc.args or not isinstance(exc.args[0], str):
-        return None
-    original = worker_error_message(exc.args[0], type(exc))
-    if original is None:
-        return None
-    try:
-        return type(exc)(original)
-    except Exception:  # noqa: BLE001 - a subclass with another constructor: keep the message, lose the type
-        return UserError(original)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import utils
-from dataset.utils import DataError, computeIoU, grounding_eval
+from dataset.utils import DataError, computeIoU, grounding_eval, read_json_file
 from evaluation import gradcam
 
 SPLITS = ('val', 'testA', 'testB')
@@ -42,13 +42,7 @@ SPLITS = ('val', 'testA', 'testB')
 # ----------------------------------------------------------------------------------------------------------------
 def load_dets(path: str) -> dict[str, list[list[float]]]:
     """Read a dets.json file: an object {str(image_id): [[x, y, w, h, ...], ...]} (extra numbers ignored)."""
-    if not os.path.isfile(path):
-        raise DataError(f'det_file not found: {path}')
-    try:
-        with open(path, encoding='utf-8') as f:
-            dets = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f'{path}: not valid JSON ({str(e).splitlines()[0]})') from None
+    dets = read_json_file(path, 'det_file')
     if not isinstance(dets, dict):
         raise DataError(f'{path}: expected an object {{image_id: [[x, y, w, h], ...]}}, got {type(dets).__name__}')
     return dets

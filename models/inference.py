@@ -92,10 +92,12 @@ def _kind_and_config(obj, source: str, config, text_encoder, image_res):
     kind = detect_kind(sd)
     if isinstance(config, dict):
         cfg = dict(config)
+        utils.validate_config(cfg, '<config dict>')
     elif config:
         cfg = utils.load_config(os.fspath(config))
     elif isinstance(obj, dict) and isinstance(obj.get('config'), dict):
         cfg = dict(obj['config'])  # our checkpoints carry the config they were trained with
+        utils.validate_config(cfg, f'{source} (its embedded config)')
     else:
         cfg = utils.load_config(os.path.join(ROOT, default_config(kind, source)))
         bert = cfg.get('bert_config')

@@ -221,7 +221,7 @@ def test_prepare_proposals_clips_drops_and_errors():
 
 
 def test_load_dets_errors(tmp_path):
-    with pytest.raises(DataError, match='det_file not found'):
+    with pytest.raises(DataError, match='det_file .*file not found'):
         load_dets(str(tmp_path / 'nope.json'))
     bad = tmp_path / 'bad.json'
     bad.write_text('[1, 2]')

@@ -208,6 +208,14 @@ def test_capabilities_and_bad_inputs_are_one_line_errors(world, tmp_path):
         load_model(path, precision='int8')
 
 
+def test_embedded_config_is_validated(world, tmp_path):
+    src, config = tiny_model('retrieval', world)
+    path = str(tmp_path / 'bad_config.pth')
+    torch.save({'model': src.state_dict(), 'config': {**config, 'vision_num_heads': 3}}, path)
+    with pytest.raises(utils.ConfigError, match=r'bad_config.pth \(its embedded config\).*vision_num_heads'):
+        load_model(path, device='cpu')
+
+
 def test_vqa_answer_comes_from_the_list_and_matches_the_model_ranking(world, tmp_path):
     src, config = tiny_model('vqa', world)
     path = str(tmp_path / 'vqa.pth')
@@ -293,7 +301,7 @@ def test_predict_folder_cli_writes_ranking_and_contact_sheet(retrieval_ckpt, pho
     assert 'features from the cache' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('case', ['out_is_input', 'not_png', 'empty_folder', 'missing_folder', 'top_k'])
+@pytest.mark.parametrize('case', ['out_is_input', 'not_png', 'empty_folder', 'missing_folder', 'top_k', 'tile_size'])
 def test_predict_refuses_bad_requests_before_writing(retrieval_ckpt, photo_folder, tmp_path, capsys, case):
     image = os.path.join(photo_folder, list_images(photo_folder)[0])
     before = open(image, 'rb').read()
@@ -303,14 +311,16 @@ def test_predict_refuses_bad_requests_before_writing(retrieval_ckpt, photo_folde
             'not_png': ['--image', image, '--caption', 'a circle', '--out', str(tmp_path / 'x.jpg')],
             'empty_folder': ['--images', str(empty), '--query', 'a circle'],
             'missing_folder': ['--images', str(tmp_path / 'nope'), '--query', 'a circle'],
-            'top_k': ['--images', photo_folder, '--query', 'a circle', '--top_k', '0']}[case]
-    if case in ('empty_folder', 'missing_folder', 'top_k'):
+            'top_k': ['--images', photo_folder, '--query', 'a circle', '--top_k', '0'],
+            'tile_size': ['--images', photo_folder, '--query', 'a circle', '--tile_size', '100000']}[case]
+    if case in ('empty_folder', 'missing_folder', 'top_k', 'tile_size'):
         argv += ['--out', str(tmp_path / 's.png')]
     rc = utils.run_cli(Predict.main, ['--checkpoint', retrieval_ckpt, '--device', 'cpu'] + argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith('error: ')
     expect = {'out_is_input': 'is one of the input images', 'not_png': 'ending in .png',
-              'empty_folder': 'no image files', 'missing_folder': 'folder not found', 'top_k': '--top_k'}[case]
+              'empty_folder': 'no image files', 'missing_folder': 'folder not found', 'top_k': '--top_k',
+              'tile_size': '--tile_size'}[case]
     assert expect in err
     assert open(image, 'rb').read() == before and not os.path.exists(tmp_path / 's.png')
 
@@ -359,4 +369,4 @@ def test_toy_pretraining_scores_matching_captions_higher_and_search_finds_them(t
           f'search top-1 {top1:.2f} over {len(unique)} unambiguous queries among {len(images)} images '
           f'(chance {1 / len(images):.3f})')
     assert len(keep) >= 50 and itm_wins >= 0.8
-    assert len(unique) >= 30 and top1 >= 0.3  # chance 1/60
+    assert len(unique) >= 30 and top1 >= 0.6  # chance 1/60

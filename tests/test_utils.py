@@ -256,3 +256,43 @@ def test_malloc_tuning_reuses_large_blocks_and_can_be_turned_off():
     assert applied and not not_applied
     # Filling a reused 64 MB block skips the page faults a fresh mapping takes (~4x faster on the reference CPU).
     assert tuned_ms < 0.7 * default_ms, (tuned_ms, default_ms)
+
+
+def test_sigterm_outside_training_is_one_line(capsys):
+    """SIGTERM at start-up or during an evaluation (no training loop installed its own handler): one line and the
+    shell's status for SIGTERM, and the handler that was there before is back afterwards."""
+    import signal
+    import time
+    before = signal.getsignal(signal.SIGTERM)
+
+    def main(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal interrupts this
+
+    with pytest.raises(SystemExit) as exc:
+        utils.run_cli(main, [])
+    assert exc.value.code == utils.EXIT_TERMINATED == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: stopped by SIGTERM')
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_failed_write_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """A write that fails for the disk's sake (here: ENOSPC from fsync) names the file, leaves the old content and
+    no temp file behind; log lines are all or nothing."""
+    import errno
+    target = tmp_path / 'results.json'
+    target.write_text('old')
+    log = tmp_path / 'log.txt'
+    utils.append_json_line(str(log), {'epoch': 0})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(os, 'fsync', full)
+    with pytest.raises(utils.WriteError, match=r'cannot write .*results.json: no space left on the device \(ENOSPC\)'):
+        utils.atomic_write_text(str(target), 'new')
+    with pytest.raises(utils.WriteError, match='log.txt'):
+        utils.append_json_line(str(log), {'epoch': 1})
+    assert target.read_text() == 'old' and sorted(os.listdir(tmp_path)) == ['log.txt', 'results.json']
+    assert log.read_text() == '{"epoch": 0}\n'

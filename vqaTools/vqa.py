@@ -51,13 +51,17 @@ def _load_json(path_or_obj: Any, what: str) -> tuple[Any, str]:
     if not isinstance(path_or_obj, (str, os.PathLike)):
         return path_or_obj, f'<{what} object>'
     path = os.fspath(path_or_obj)
-    if not os.path.isfile(path):
-        raise VQAError(f'{what} file not found: {path}')
+    if not os.path.isfile(path):  # also refuses FIFOs and devices, which would block or stream forever
+        raise VQAError(f'{what} file not found (or not a regular file): {path}')
     try:
         with open(path, 'r', encoding='utf-8') as f:
             return json.load(f), path
     except json.JSONDecodeError as e:
         raise VQAError(f'{what} file {path} is not valid JSON: {e}') from None
+    except UnicodeDecodeError as e:
+        raise VQAError(f'{what} file {path} is not UTF-8 text (offset {e.start})') from None
+    except RecursionError:
+        raise VQAError(f'{what} file {path}: JSON nested too deeply to parse') from None
 
 
 def _require_key(obj: Any, key: str, name: str, what: str) -> None:
