@@ -535,23 +535,41 @@ def test_catalogue_size():
     assert len(CASES) >= 25
 
 
-@pytest.mark.parametrize('make_case', CASES, ids=lambda f: f.__name__)
-def test_bad_input(make_case, ctx, capsys):
-    expect = make_case(ctx)
+def run_case(name: str, expect: Expect, ctx, capsys, *, time_limit: float | None = None,
+             no_new_config: bool = False) -> str:
+    """Run one catalogue case and assert the promise: exit status 2, one line `error: ...` matching the case's
+    message, no traceback, (optionally) within `time_limit` seconds, every file that existed before unchanged,
+    every checkpoint the run wrote loadable, (with `no_new_config`) no config.yaml written by the failed run, and
+    the case's own check. Returns the line (printed for the catalogue listing, `pytest -rP`)."""
     before = snapshot(ctx.tmp)
+    started = time.monotonic()
     code = utils.run_cli(expect.main, expect.argv)
+    elapsed = time.monotonic() - started
+    ctx.elapsed = elapsed
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
-    assert code == utils.EXIT_USER_ERROR, err[-2000:]
+    assert code == utils.EXIT_USER_ERROR, err[-3000:]
     assert len(lines) == 1 and lines[0].startswith('error: '), lines
     message = lines[0][len('error: '):]
     assert re.search(expect.message, message), f'{message!r} does not match {expect.message!r}'
     assert 'Traceback' not in out + err
+    assert time_limit is None or elapsed < time_limit, f'{name} took {elapsed:.0f} s'
+    monkeypatch = getattr(ctx, 'monkeypatch', None)
+    if monkeypatch is not None:
+        monkeypatch.undo()  # the checks below use the real torch.save / os.write
     assert_nothing_lost(before, ctx.tmp)
     assert_written_files_load(ctx.out)
+    if no_new_config and 'out/config.yaml' not in before:
+        assert not (ctx.out / 'config.yaml').exists(), 'a failed run wrote config.yaml'
     if expect.check is not None:
         expect.check(ctx)
-    print(f'{make_case.__name__}: {lines[0]}')  # the catalogue listing (pytest -rP)
+    print(f'{name}: {lines[0]}')
+    return lines[0]
+
+
+@pytest.mark.parametrize('make_case', CASES, ids=lambda f: f.__name__)
+def test_bad_input(make_case, ctx, capsys):
+    run_case(make_case.__name__, make_case(ctx), ctx, capsys)
 
 
 def test_debug_shows_the_traceback(ctx):

@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ import utils
 import VE
 import VQA
 from tests.test_bad_inputs import (BAD_ITEM, Ctx, Expect, assert_nothing_lost, assert_written_files_load,  # noqa: F401
-                                   checkpoints, previous_run, run_args, snapshot, world)
+                                   checkpoints, previous_run, run_args, run_case, snapshot, world)
 from tests.toy import ROOT, TINY_BERT
 
 RETRIEVAL_MINI = dict(batch_size_train=4, batch_size_test=4, queue_size=8, k_test=4)
@@ -557,25 +556,7 @@ def test_catalogue_size():
 
 @pytest.mark.parametrize('make_case', CASES, ids=lambda f: f.__name__)
 def test_bad_input(make_case, ctx, capsys):
-    expect = make_case(ctx)
-    before = snapshot(ctx.tmp)
-    start = time.monotonic()
-    code = utils.run_cli(expect.main, expect.argv)
-    ctx.elapsed = time.monotonic() - start
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == utils.EXIT_USER_ERROR, err[-2000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), lines
-    message = lines[0][len('error: '):]
-    assert re.search(expect.message, message), f'{message!r} does not match {expect.message!r}'
-    assert 'Traceback' not in out + err
-    assert_nothing_lost(before, ctx.tmp)
-    assert_written_files_load(ctx.out)
-    if 'out/config.yaml' not in before:
-        assert not (ctx.out / 'config.yaml').exists(), 'a failed run wrote config.yaml'
-    if expect.check is not None:
-        expect.check(ctx)
-    print(f'{make_case.__name__}: {lines[0]}')  # the catalogue listing (pytest -rP)
+    run_case(make_case.__name__, make_case(ctx), ctx, capsys, no_new_config=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

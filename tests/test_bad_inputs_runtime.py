@@ -38,7 +38,7 @@ import utils
 import VE
 import VQA
 from tests.test_bad_inputs import (BAD_ITEM, Ctx, Expect, assert_nothing_lost, assert_written_files_load,  # noqa: F401
-                                   checkpoints, previous_run, snapshot, where, world)
+                                   checkpoints, previous_run, run_case, snapshot, where, world)
 from tests.toy import ROOT, TINY_SCHED
 
 RETRIEVAL_MINI = dict(batch_size_train=4, batch_size_test=4, queue_size=8, k_test=4)
@@ -641,24 +641,7 @@ def test_catalogue_size():
 
 @pytest.mark.parametrize('make_case', CASES, ids=lambda f: f.__name__)
 def test_bad_input(make_case, ctx, capsys):
-    expect = make_case(ctx)
-    before = snapshot(ctx.tmp)
-    started = time.monotonic()
-    code = utils.run_cli(expect.main, expect.argv)
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == utils.EXIT_USER_ERROR, err[-3000:]
-    assert len(lines) == 1 and lines[0].startswith('error: '), lines
-    message = lines[0][len('error: '):]
-    assert re.search(expect.message, message), f'{message!r} does not match {expect.message!r}'
-    assert 'Traceback' not in out + err
-    assert time.monotonic() - started < 240
-    ctx.monkeypatch.undo()  # the checks below use the real torch.save / os.write
-    assert_nothing_lost(before, ctx.tmp)
-    assert_written_files_load(ctx.out)
-    if expect.check is not None:
-        expect.check(ctx)
-    print(f'{make_case.__name__}: {lines[0]}')  # the catalogue listing (pytest -rP)
+    run_case(make_case.__name__, make_case(ctx), ctx, capsys, time_limit=240)
 
 
 @pytest.mark.parametrize('name', ['image_missing', 'image_corrupt', 'image_truncated', 'image_empty_file',
@@ -667,13 +650,7 @@ def test_image_cases_of_the_first_catalogue_with_workers(name, ctx, capsys):
     """tests/test_bad_inputs.py's image cases again, loaded by 2 DataLoader workers: the same line."""
     import tests.test_bad_inputs as first
     expect = getattr(first, name)(ctx)
-    expect = expect._replace(argv=expect.argv + list(WORKERS))
-    before = snapshot(ctx.tmp)
-    assert utils.run_cli(expect.main, expect.argv) == utils.EXIT_USER_ERROR
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and re.search(expect.message, lines[0][len('error: '):]), lines
-    assert_nothing_lost(before, ctx.tmp)
-    assert_written_files_load(ctx.out)
+    run_case(name, expect._replace(argv=expect.argv + list(WORKERS)), ctx, capsys)
 
 
 # ----------------------------------------------------------------------------------------------------------------
