@@ -121,12 +121,7 @@ def _kind_and_config(obj, source: str, config, text_encoder, image_res):
 
 def _tokenizer(config):
     from models.tokenization_bert import BertTokenizer
-    name = config.get('text_encoder', 'bert-base-uncased')
-    try:
-        return BertTokenizer.from_pretrained(name)
-    except OSError as e:
-        raise UserError(f"cannot load the tokenizer '{name}' ({str(e).splitlines()[0][:120]}); pass text_encoder= "
-                        f"(--text_encoder) with a local folder holding vocab.txt") from None
+    return BertTokenizer.from_pretrained(config.get('text_encoder', 'bert-base-uncased'))
 
 
 def load_model(checkpoint, *, config=None, text_encoder: str | None = None, device: str | None = None,

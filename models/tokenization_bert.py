@@ -35,9 +35,23 @@ class BertTokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_folder, add_sep=False, **kwargs):
-        """Load a hub name or a folder containing vocab.txt (or tokenizer.json)."""
+        """Load a hub name or a folder containing vocab.txt (or tokenizer.json).
+
+        Raises UserError (one line) when nothing can be loaded, and when what loads has no vocabulary beyond the
+        special tokens (transformers builds such an empty tokenizer for some misspelled names), which would
+        otherwise train on [UNK] alone.
+        """
+        from utils import UserError
         kwargs.setdefault('model_max_length', 512)
-        return cls(BertTokenizerFast.from_pretrained(name_or_folder, **kwargs), add_sep=add_sep)
+        try:
+            hf = BertTokenizerFast.from_pretrained(name_or_folder, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the tokenizer '{name_or_folder}' ({str(e).splitlines()[0][:120]}); pass "
+                            f"--text_encoder with a hub name or a local folder holding vocab.txt") from None
+        if len(hf) <= len(hf.all_special_tokens):
+            raise UserError(f"tokenizer '{name_or_folder}' has no vocabulary beyond its {len(hf)} special tokens "
+                            f"(a misspelled hub name, or a folder without vocab.txt)")
+        return cls(hf, add_sep=add_sep)
 
     # Special ids and sizes, always read from the vocabulary.
     @property

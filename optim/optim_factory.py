@@ -271,7 +271,7 @@ def create_optimizer(args: Any, model: nn.Module, filter_bias_and_bn: bool = Tru
     kwargs.update(_kernel_kwargs(cls, params, kwargs))
     try:
         optimizer = cls(params, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown keyword, or a value torch refuses (a negative eps, ...)
         raise ConfigError(f"optimizer: bad arguments for {opt!r} ({cls.__name__}): {e}") from None
     if lookahead:
         optimizer = Lookahead(optimizer)

@@ -69,3 +69,14 @@ def test_errors_and_decode(tok):
     with pytest.raises(ValueError):
         tok(['the'], padding='sideways')
     assert tok.decode(tok('the dog').input_ids[1:]) == 'the dog'
+
+
+def test_a_tokenizer_without_vocabulary_is_refused(tmp_path):
+    """A folder without vocab.txt loads in transformers as a tokenizer of special tokens only, which would train on
+    [UNK] alone: refused with one line, as is a name that cannot be loaded at all."""
+    import utils
+    from models.tokenization_bert import BertTokenizer
+    with pytest.raises(utils.UserError, match='no vocabulary beyond its 5 special tokens'):
+        BertTokenizer.from_pretrained(str(tmp_path))
+    with pytest.raises(utils.UserError, match='cannot load the tokenizer'):
+        BertTokenizer.from_pretrained(str(tmp_path / 'missing' / 'folder'))
