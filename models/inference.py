@@ -371,10 +371,12 @@ class InferenceModel:
         from dataset.utils import pre_question
         self._require('answer')
         answers = _read_answer_list(answer_list)
-        if not isinstance(question, str) or not pre_question(question, self.max_words).strip():
+        # Normalised as VQA.py's test questions are (at most 50 words).
+        text = pre_question(question, 50).strip() if isinstance(question, str) else ''
+        if not text:
             raise UserError(f'question is empty after normalisation: {question!r}')
-        q = self.tokenizer([pre_question(question, self.max_words)], padding='longest', truncation=True,
-                           max_length=self.max_tokens, return_tensors='pt')
+        q = self.tokenizer([text], padding='longest', truncation=True, max_length=self.max_tokens,
+                           return_tensors='pt')
         eos = self.config.get('eos', '[SEP]')
         cand = self.tokenizer([a + eos for a in answers], padding='longest', return_tensors='pt')
         batch = self.load_image(image)[1][None].to(self.device)

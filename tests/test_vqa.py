@@ -401,3 +401,12 @@ def test_toy_vqa_learns(toy_world, toy_pretrain, tmp_path):
           f'answer {chance:.2f}, question prior {prior:.2f}, {time.time() - start:.0f} s')
     assert record['test_acc'] == acc['overall']
     assert acc['overall'] >= chance + 40 and acc['overall'] >= prior + 20
+    # The inference API answers as VQA.py did with the same weights (the last epoch's, which it evaluated).
+    from models import load_model
+    config = utils.load_config(cfg)
+    api = load_model(str(out / 'checkpoint_last.pth'), device='cpu')
+    answered = {r['question_id']: r['answer'] for r in json.load(open(out / 'result' / 'vqa_result.json'))}
+    items = json.load(open(config['test_file'][0]))[:20]
+    same = sum(api.answer(os.path.join(config['vqa_root'], it['image']), it['question'], config['answer_list'],
+                          k=config['k_test']) == answered[it['question_id']] for it in items)
+    assert same >= 19, f'the API agrees with VQA.py on {same} of {len(items)} questions
