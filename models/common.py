@@ -233,10 +233,17 @@ def itm_negative_weights(sim, not_negative, random_share=0.0):
     fusion layers learn to look at the image at all; with pretrained encoders s = 0 (the default) is the original.
     """
     weights = F.softmax(sim.float(), dim=1).masked_fill(not_negative, 0)
+    allowed = (~not_negative).float()
+    has_negative = allowed.sum(1) > 0
     if random_share:
-        allowed = (~not_negative).float()
-        weights = ((1 - random_share) * weights / weights.sum(1, keepdim=True)
-                   + random_share * allowed / allowed.sum(1, keepdim=True))
+        mixed = ((1 - random_share) * weights / weights.sum(1, keepdim=True)
+                 + random_share * allowed / allowed.sum(1, keepdim=True))
+        weights = torch.where(has_negative[:, None], mixed, weights)
+    if not has_negative.all():
+        # Every candidate of these rows is a positive: all pairs of the batch share one image (a rare batch of a
+        # small retrieval set). torch.multinomial would stop the run; draw among the other items instead.
+        others = (~torch.eye(len(weights), dtype=torch.bool, device=weights.device)).float()
+        weights = torch.where(has_negative[:, None], weights, others)
     return weights
 
 

@@ -157,3 +157,18 @@ def test_itm_negative_weights_hard_random_and_excluded_pairs():
     for share in (0.0, 0.3, 1.0):
         weights = itm_negative_weights(sim, same_image, share)
         assert (weights[same_image] == 0).all() and (weights[~same_image] > 0).all()
+
+
+def test_itm_negative_weights_when_a_batch_holds_one_image_only():
+    """Rows whose every candidate is a positive (all captions of one image) draw among the other items instead of
+    making torch.multinomial fail; other rows keep the softmax of the similarities."""
+    from models.common import itm_negative_weights
+    sim = torch.randn(4, 4)
+    same = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    w = itm_negative_weights(sim, same)
+    torch.testing.assert_close(w[3], torch.softmax(sim[3], 0).masked_fill(same[3], 0))
+    all_one = torch.ones(4, 4, dtype=torch.bool)
+    for share in (0.0, 0.5):
+        w = itm_negative_weights(sim, all_one, share)
+        assert torch.isfinite(w).all() and (w.diagonal() == 0).all() and (w.sum(1) > 0).all()
+        assert torch.multinomial(w, 1).shape == (4, 1)
