@@ -409,4 +409,4 @@ def test_toy_vqa_learns(toy_world, toy_pretrain, tmp_path):
     items = json.load(open(config['test_file'][0]))[:20]
     same = sum(api.answer(os.path.join(config['vqa_root'], it['image']), it['question'], config['answer_list'],
                           k=config['k_test']) == answered[it['question_id']] for it in items)
-    assert same >= 19, f'the API agrees with VQA.py on {same} of {len(items)} questions
+    assert same >= 19, f'the API agrees with VQA.py on {same} of {len(items)} questions'
