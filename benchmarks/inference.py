@@ -1,6 +1,6 @@
 """Inference at full size: memory of the inference model against the training model, and folder search speed.
 
-    python benchmarks/inference.py memory [--size full] [--image-res 384] [--json]
+    python benchmarks/inference.py memory [--size full|small|toy] [--image-res 384] [--json]
     python benchmarks/inference.py search [--size full] [--image-res 384] [--images 1000] [--precision bf16] [--json]
 
 `memory` writes a random full-size retrieval checkpoint in the released fine-tuned layout (mscoco.pth: flat,
@@ -27,14 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SIZES = {
-    'full': dict(patch_size=16, vision_width=768, vision_depth=12, vision_num_heads=12,
-                 bert=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                           fusion_layer=6, vocab_size=30522)),
-    'tiny': dict(patch_size=8, vision_width=32, vision_depth=1, vision_num_heads=2,
-                 bert=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           fusion_layer=1, vocab_size=120)),
-}
+# The model sizes of benchmarks/train_step.py: 'full' is ViT-B/16 + BERT-base, 'toy' the toy configs' model.
+from train_step import SIZES, build_config as train_step_config  # noqa: E402
 
 
 def write_vocab(folder: str, size: int) -> str:
@@ -50,14 +44,9 @@ def write_vocab(folder: str, size: int) -> str:
 
 
 def build_config(size: str, image_res: int, vocab: str) -> dict:
-    spec = SIZES[size]
-    with open(os.path.join(ROOT, 'configs', 'config_bert.json')) as f:
-        bert = json.load(f)
-    bert.update(spec['bert'])
-    bert['encoder_width'] = spec['vision_width']
-    config = {k: v for k, v in spec.items() if k != 'bert'}
-    config.update(image_res=image_res, bert_config=bert, embed_dim=256, queue_size=65536, temp=0.07,
-                  momentum=0.995, alpha=0.4, distill=True, text_encoder=vocab, load_text_weights=False)
+    """train_step.py's config of `size` at `image_res`, with the tokenizer folder `vocab` and no pretrained weights."""
+    config = train_step_config(size, grad_checkpointing=False)
+    config.update(image_res=image_res, distill=True, text_encoder=vocab, load_text_weights=False)
     return config
 
 
@@ -66,7 +55,7 @@ def write_checkpoint(work: str, size: str, image_res: int) -> tuple[str, dict]:
     import torch
     import models
     from models.inference import _tokenizer
-    config = build_config(size, image_res, write_vocab(os.path.join(work, 'vocab'), SIZES[size]['bert']['vocab_size']))
+    config = build_config(size, image_res, write_vocab(os.path.join(work, 'vocab'), SIZES[size]['bert'].get('vocab_size', 30522)))
     torch.manual_seed(0)
     model = models.create_model('retrieval', config, _tokenizer(config), inference=True)
     path = os.path.join(work, 'mscoco_random.pth')

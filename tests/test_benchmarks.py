@@ -307,3 +307,16 @@ def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_pat
     predict = script.make_predict_fn(tokenizer, torch.device('cpu'), 64, 'fp32')
     assert abs(report['all']['accuracy'] - 100 * evaluate(model, loader, predict, script.CLASS_NAMES)['acc']) < 1e-6
     assert kinds.main(['--task', task, '--checkpoint', str(tmp_path / 'none.pth')]) == 2
+
+
+def test_inference_benchmark_memory_and_search_at_toy_size():
+    """benchmarks/inference.py: the inference model holds fewer state floats than the training model and less
+    memory; the second folder query reads the cache."""
+    mem = json.loads(_run('benchmarks/inference.py', 'memory', '--size', 'toy', '--image-res', '64',
+                          '--json').strip().splitlines()[-1])
+    rows = {r['way']: r for r in mem['rows']}
+    assert rows['inference']['state_floats_m'] < 0.6 * rows['training']['state_floats_m']
+    assert rows['inference']['rss_gb'] < rows['training']['rss_gb'] <= rows['training+adamw']['rss_gb']
+    search = json.loads(_run('benchmarks/inference.py', 'search', '--size', 'toy', '--image-res', '64', '--images',
+                             '6', '--json').strip().splitlines()[-1])
+    assert search['second_cached'] is True and search['images_per_s'] > 0 and search['first_query_s'] > 0
