@@ -109,6 +109,7 @@ def _kind_and_config(obj, source: str, config, text_encoder, image_res):
             grid = math.isqrt(pos.shape[1] - 1)
             if grid * grid == pos.shape[1] - 1:
                 cfg['image_res'] = grid * int(cfg.get('patch_size', 16))
+    cfg['bert_config'] = _find_bert_config(cfg.get('bert_config'))
     if text_encoder:
         cfg['text_encoder'] = os.fspath(text_encoder)
     if image_res is not None:
@@ -117,6 +118,19 @@ def _kind_and_config(obj, source: str, config, text_encoder, image_res):
         if key not in cfg:
             raise ConfigError(f"load_model: the config lacks '{key}'; pass config=")
     return kind, cfg
+
+
+def _find_bert_config(bert_config):
+    """A checkpoint's config names its BERT config by the path it had where it was trained (often absolute, in
+    another checkout): when that file is gone, use the file of the same name in this repository's configs."""
+    if not isinstance(bert_config, str) or os.path.isfile(bert_config):
+        return bert_config
+    name = os.path.basename(bert_config)
+    for candidate in (os.path.join(ROOT, bert_config), os.path.join(ROOT, 'configs', name),
+                      os.path.join(ROOT, 'configs', 'toy', name)):
+        if os.path.isfile(candidate):
+            return candidate
+    return bert_config  # the model build names the missing file
 
 
 def _tokenizer(config):

@@ -216,6 +216,21 @@ def test_embedded_config_is_validated(world, tmp_path):
         load_model(path, device='cpu')
 
 
+def test_bert_config_of_another_checkout_is_found_in_this_one(world, tmp_path):
+    """A checkpoint trained in another clone names its bert_config by that clone's absolute path, which may be
+    gone: the file of the same name in this repository's configs serves."""
+    from tests.toy import ROOT
+    config = utils.load_config(os.path.join(ROOT, 'configs', 'toy', 'Grounding.yaml'))
+    config.update(bert_config=os.path.join(ROOT, config['bert_config']), text_encoder=os.path.join(world, 'vocab'))
+    model = models.create_model('grounding', config, models.inference._tokenizer(config))
+    path = str(tmp_path / 'checkpoint_best.pth')
+    torch.save({'model': model.state_dict(),
+                'config': {**config, 'bert_config': '/gone/clone/configs/toy/config_bert_toy.json'}}, path)
+    api = load_model(path, device='cpu')
+    assert api.config['bert_config'] == os.path.join(ROOT, 'configs', 'toy', 'config_bert_toy.json')
+    assert api.embed_texts('a red circle').shape == (1, config['embed_dim'])
+
+
 def test_vqa_answer_comes_from_the_list_and_matches_the_model_ranking(world, tmp_path):
     src, config = tiny_model('vqa', world)
     path = str(tmp_path / 'vqa.pth')
