@@ -1,4 +1,4 @@
-"""engine.py: the shared loop (loss sum, alpha ramp, warm-up stepping, accumulation, non-finite stop), atomic
+"""engine: the shared loop (loss sum, alpha ramp, warm-up stepping, accumulation, non-finite stop), atomic
 checkpoints, and exact resume after an interruption at any step."""
 import json
 import os

@@ -1,0 +1,238 @@
+"""The loop: one epoch of steps (loss sum, alpha ramp, warm-up stepping, autocast, gradient accumulation,
+non-finite stop), `fit` over epochs with evaluation, logging and checkpoints, and `train`, what every task script
+calls."""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+import utils
+from dataset.resumable import ResumableSampler
+from engine.build import build_optimizer_and_scheduler, resume_training
+from engine.errors import TrainingError
+from engine.guard import RunGuard, append_log_line, next_batch, save_checkpoint_file, worker_death_error
+from engine.precision import autocast
+from engine.state import TrainState, build_checkpoint, first_non_finite_tensor
+from optim import optimizer_needs_create_graph
+
+StepFn = Callable[[torch.nn.Module, object, float], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of the loop, resolved from the task config and the command line."""
+    alpha: float = 0.0
+    warm_up: bool = True           # ramp alpha over epoch 0, as the original
+    warmup_steps: int = 0          # schedular.warmup_epochs: lr warm-up in 100-iteration steps of epoch 0
+    precision: str = 'fp32'
+    grad_accum_steps: int = 1
+    print_freq: int = 50
+    save_every_steps: int = 0      # also checkpoint mid-epoch every N optimizer steps (0: only at epoch ends)
+    max_steps_per_epoch: int = 0   # 0: whole epoch (a small positive value is for smoke tests)
+    epoch_checkpoint_every: int = 1  # keep checkpoint_XX.pth every N epochs and of the last one (0: none)
+
+
+def _alpha_for(cfg: EngineConfig, epoch: int, i: int, n: int) -> float:
+    if epoch > 0 or not cfg.warm_up:
+        return cfg.alpha
+    return cfg.alpha * min(1.0, i / n)
+
+
+def _divergence(model: torch.nn.Module, error: RuntimeError) -> str | None:
+    """Why a forward that raised `error` failed, when the cause is non-finite numbers; None for other errors."""
+    bad = first_non_finite_tensor(model)
+    if bad is not None:
+        return f'non-finite weights ({bad})'
+    first = (str(error).strip().splitlines() or [''])[0]
+    if re.search(r'\b(nan|inf)\b', first, re.IGNORECASE):  # e.g. torch.multinomial on NaN probabilities
+        return f'non-finite values inside the forward ({first[:120]})'
+    return None
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, step_fn: StepFn, device: torch.device,
+                    cfg: EngineConfig, state: TrainState, save_fn: Callable[[TrainState], None] | None = None,
+                    header: str = 'Train') -> dict[str, float]:
+    """Train for one epoch, starting at `state.step_in_epoch`; returns the epoch's average of each loss and lr."""
+    model.train()
+    logger = utils.MetricLogger(window_size=50)
+    epoch, start = state.epoch, state.step_in_epoch
+    n_total = start + len(loader)
+    if cfg.max_steps_per_epoch:
+        n_total = min(n_total, cfg.max_steps_per_epoch)
+    create_graph = optimizer_needs_create_graph(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    iterator = iter(loader)
+    for i in logger.log_every(range(start, n_total), cfg.print_freq, f'{header} epoch [{epoch}]'):
+        batch = next_batch(iterator, loader)
+        alpha = _alpha_for(cfg, epoch, i, n_total)
+        with autocast(device, cfg.precision):
+            try:
+                losses = step_fn(model, batch, alpha)
+            except RuntimeError as e:
+                # Diverged training often fails inside the forward (e.g. sampling ITM negatives from NaN
+                # probabilities) before a loss exists to check: say so instead of showing the op's traceback.
+                reason = _divergence(model, e)
+                if reason is None:
+                    raise
+                raise TrainingError(f'{reason} at epoch {epoch} step {i}: training diverged (learning rate too '
+                                    f'high?); stopping (the last good checkpoint is kept)') from e
+        loss = sum(losses.values())
+        if not torch.isfinite(loss.detach()).all():
+            values = ', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())
+            raise TrainingError(f'non-finite loss at epoch {epoch} step {i}: {values}; stopping '
+                                f'(the last good checkpoint is kept)')
+        (loss / cfg.grad_accum_steps).backward(create_graph=create_graph)
+        if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == n_total:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # The original's warm-up: in epoch 0, step the scheduler every 100 iterations up to warmup_steps.
+        if epoch == 0 and i % 100 == 0 and i <= 100 * cfg.warmup_steps:
+            scheduler.step(i // 100)
+        logger.update(lr=optimizer.param_groups[0]['lr'], **{k: v.detach().float() for k, v in losses.items()})
+        state.step_in_epoch = i + 1
+        state.global_step += 1
+        if save_fn is not None and cfg.save_every_steps and state.step_in_epoch % cfg.save_every_steps == 0 \
+                and state.step_in_epoch < n_total:
+            save_fn(state)
+    logger.synchronize_between_processes()
+    print(f'Averaged stats: {logger.global_avg()}', flush=True)
+    return logger.averages()
+
+
+def _step_scheduler(scheduler, t: int, config: Mapping, last_record: Mapping) -> None:
+    """Epoch-level scheduler step; a plateau schedule also gets last epoch's `schedular.eval_metric` value."""
+    from scheduler import PlateauLRScheduler
+    if not isinstance(scheduler, PlateauLRScheduler):
+        scheduler.step(t)
+        return
+    key = config['schedular'].get('eval_metric', 'loss')
+    for name in (key, f'train_{key}'):
+        if name in last_record:
+            scheduler.step(t, float(last_record[name]))
+            return
+    raise TrainingError(f"schedular.eval_metric '{key}' is not among last epoch's metrics "
+                        f"({', '.join(sorted(last_record))})")
+
+
+def _keeps_epoch_checkpoint(every: int, epoch: int, num_epochs: int) -> bool:
+    return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == num_epochs)
+
+
+def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn: StepFn, config: Mapping,
+        engine_cfg: EngineConfig, device: torch.device, output_dir: str, num_epochs: int,
+        state: TrainState | None = None, evaluate_fn: Callable[[int], dict] | None = None,
+        best_metric: str | None = None, save_epoch_checkpoints: bool = True,
+        guard: RunGuard | None = None) -> TrainState:
+    """Train for `num_epochs`, evaluating after each epoch, logging one JSON line per epoch and checkpointing.
+
+    Checkpoints: `checkpoint_last.pth` (resume point: every epoch end and every `save_every_steps`),
+    `checkpoint_XX.pth` when `save_epoch_checkpoints` (every `epoch_checkpoint_every` epochs, and the last epoch),
+    and `checkpoint_best.pth` whenever `evaluate_fn(epoch)[best_metric]` improves.
+    `guard` (see RunGuard; `train` installs one for SIGTERM) records each resume point written; a write that
+    fails for lack of space or permission ends the run with one line naming the file, earlier files intact.
+    """
+    state = state or TrainState()
+    guard = guard or RunGuard(output_dir)
+    guard.state = state
+    os.makedirs(output_dir, exist_ok=True)
+    log_path = os.path.join(output_dir, 'log.txt')
+    sampler = getattr(train_loader, 'sampler', None)
+
+    def save(s: TrainState, name: str = 'checkpoint_last.pth') -> None:
+        bad = first_non_finite_tensor(model_without_ddp)
+        if bad is not None:  # never replace the last good checkpoint by a diverged one
+            raise TrainingError(f'non-finite weights ({bad}) when saving {name} (epoch {s.epoch}, {s.step_in_epoch} '
+                                f'steps done): training diverged; stopping (the last good checkpoint is kept)')
+        path = os.path.join(output_dir, name)
+        with guard.critical():
+            if utils.is_main_process():
+                save_checkpoint_file(build_checkpoint(model_without_ddp, optimizer, scheduler, config, s), path,
+                                     guard)
+            utils.barrier()
+            if name == 'checkpoint_last.pth':
+                guard.keep(path, s)
+
+    start_time = time.time()
+    last_record: dict = {}
+    while state.epoch < num_epochs:
+        epoch = state.epoch
+        if isinstance(sampler, ResumableSampler):
+            sampler.set_epoch(epoch, start_batch=state.step_in_epoch)
+        elif hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+        if epoch > 0 and state.step_in_epoch == 0:
+            _step_scheduler(scheduler, epoch + engine_cfg.warmup_steps, config, last_record)
+        try:
+            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, step_fn, device, engine_cfg,
+                                          state, save_fn=save)
+            eval_stats = evaluate_fn(epoch) if evaluate_fn is not None else None
+        except RuntimeError as e:  # a worker's death surfaces wherever the main process happens to be
+            err = worker_death_error(e, getattr(train_loader, 'num_workers', None))
+            if err is None:
+                raise
+            raise err from None
+        record = {f'train_{k}': v for k, v in train_stats.items()}
+        improved = False
+        if evaluate_fn is not None:
+            record.update(eval_stats)
+            if best_metric is not None:
+                value = float(eval_stats[best_metric])
+                if state.best is None or value > state.best:
+                    state.best, state.best_epoch, improved = value, epoch, True
+        record['epoch'] = epoch
+        record['time_s'] = round(time.time() - start_time, 1)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        if utils.is_main_process():
+            with guard.critical():
+                append_log_line(log_path, record, guard)
+        last_record = record
+        if save_epoch_checkpoints and _keeps_epoch_checkpoint(engine_cfg.epoch_checkpoint_every, epoch, num_epochs):
+            save(state, f'checkpoint_{epoch:02d}.pth')
+        if improved:
+            save(state, 'checkpoint_best.pth')
+        save(state)
+    if best_metric is not None and utils.is_main_process() and state.best_epoch is not None:
+        with guard.critical():
+            append_log_line(log_path, {'best_epoch': state.best_epoch, f'best_{best_metric}': state.best}, guard)
+    print(f'Training time {time.time() - start_time:.1f} s', flush=True)
+    return state
+
+
+def engine_config(config: Mapping, **overrides) -> EngineConfig:
+    """Loop settings from a task config (alpha, warm_up, warm-up epochs, precision, accumulation, print_freq)."""
+    cfg = EngineConfig(alpha=float(config.get('alpha', 0.0)), warm_up=bool(config.get('warm_up', True)),
+                       warmup_steps=int(config['schedular'].get('warmup_epochs', 0)),
+                       precision=config.get('precision', 'fp32'),
+                       grad_accum_steps=int(config.get('grad_accum_steps', 1)),
+                       print_freq=int(config.get('print_freq', 50)),
+                       epoch_checkpoint_every=int(config.get('epoch_checkpoint_every', 1)))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def train(args, config: Mapping, model, model_without_ddp, train_loader, step_fn: StepFn, device: torch.device, *,
+          evaluate_fn: Callable[[int], dict] | None = None, best_metric: str | None = None,
+          save_epoch_checkpoints: bool = True, **engine_overrides) -> TrainState:
+    """The training part of every task script: optimizer and scheduler from the config, --resume, then `fit`.
+
+    `args` supplies output_dir, resume/checkpoint and the loop flags --save_every_steps and --max_steps_per_epoch;
+    `engine_overrides` set further EngineConfig fields (e.g. alpha=0.0 for TA pretraining). The train loader is
+    built by the caller, since its collate function and its place among the random draws differ by task.
+    Returns the final TrainState (best_epoch set when `best_metric` is given).
+    """
+    optimizer, lr_scheduler, num_epochs = build_optimizer_and_scheduler(config, model_without_ddp)
+    guard = RunGuard(args.output_dir)
+    with guard.handle_sigterm():
+        state = resume_training(args, config, model_without_ddp, optimizer, lr_scheduler, guard=guard)
+        cfg = engine_config(config, save_every_steps=args.save_every_steps,
+                            max_steps_per_epoch=args.max_steps_per_epoch, **engine_overrides)
+        return fit(model=model, model_without_ddp=model_without_ddp, train_loader=train_loader, optimizer=optimizer,
+                   scheduler=lr_scheduler, step_fn=step_fn, config=config, engine_cfg=cfg, device=device,
+                   output_dir=args.output_dir, num_epochs=num_epochs, state=state, evaluate_fn=evaluate_fn,
+                   best_metric=best_metric, save_epoch_checkpoints=save_epoch_checkpoints, guard=guard)
