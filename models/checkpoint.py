@@ -580,7 +580,7 @@ def check_state_dict(state_dict: dict, target: Mapping, source_kind: str, varian
 # ------------------------------------------------------------------------------------------------------------
 def load_checkpoint(model: torch.nn.Module, source, variant: str, *, source_kind: str = 'auto',
                     allow_pickle: bool = False) -> dict:
-    """Load an ALBEF checkpoint into `model` (a models.model_<variant>.ALBEF), remapping as spec 8 describes.
+    """Load an ALBEF checkpoint into `model` (the `models.model_class(variant)` model), remapping as spec 8 describes.
 
     source: path, http(s) URL or an in-memory dict, with or without a 'model' wrapper.
     variant: the model's task (pretrain, retrieval, grounding, vqa, nlvr, ve, pretrain_nlvr).

@@ -491,3 +491,13 @@ def test_inference_helpers(tmp_path):
     assert ret.itm_logits(text_embeds, atts, image_embeds).shape == (4, 2)
     with pytest.raises(ValueError):
         create_model('captioning', config, tok)
+
+
+def test_model_classes_have_descriptive_names_and_keep_the_released_alias():
+    """Each task's class has its own name; `from models.model_x import ALBEF` (released code) still works."""
+    import importlib
+    import models
+    for task, (module, name) in models.TASK_MODULES.items():
+        mod = importlib.import_module(module)
+        assert models.model_class(task) is getattr(mod, name) is mod.ALBEF
+        assert name.startswith('ALBEF') and name != 'ALBEF'
