@@ -78,9 +78,10 @@ def flat_online(sd):
 
 
 def bicubic_resize(pos, vit):
-    """The original's resize of a [1, 1 + g^2, C] position embedding to the grid of `vit`, written out: CLS row
-    kept, the grid resized bicubic (align_corners False, no antialias) in float32."""
-    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(vit.pos_embed.shape[1] - 1)
+    """The original's resize of a [1, 1 + g^2, C] position embedding to the grid of `vit` (a ViT or a token
+    count), written out: CLS row kept, the grid resized bicubic (align_corners False, no antialias) in float32."""
+    num_tokens = vit if isinstance(vit, int) else vit.pos_embed.shape[1]
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(num_tokens - 1)
     grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
     grid = torch.nn.functional.interpolate(grid, size=(new, new), mode='bicubic', align_corners=False)
     return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], dim=1)
@@ -100,6 +101,12 @@ def test_resample_pos_embed_is_the_bicubic_resize_and_keeps_cls():
     # bf16 input stays bf16 (the reference fixtures store bf16) and is computed in float32.
     assert resample_pos_embed(pos.bfloat16(), 10).dtype == torch.bfloat16
     assert torch.equal(resample_pos_embed(pos.bfloat16(), 10), bicubic_resize(pos.bfloat16(), vit))
+    # the released checkpoints' case: ViT-B/16 from 256 px (16x16 grid) to 384 px (24x24), and back
+    big = torch.randn(1, 257, 768)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(resample_pos_embed(big.to(dtype), 577), bicubic_resize(big.to(dtype), 577))
+    small = resample_pos_embed(big, 577)
+    assert torch.equal(resample_pos_embed(small, 257), bicubic_resize(small, 257))
 
 
 def test_detect_kind_on_released_layouts():
