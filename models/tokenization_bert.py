@@ -40,11 +40,12 @@ class BertTokenizer:
     def __init__(self, hf_tokenizer, add_sep=False):
         self.hf = hf_tokenizer
         self.add_sep = add_sep
-        special = [('[CLS]', hf_tokenizer.cls_token_id)]
+        cls_token, sep_token = hf_tokenizer.cls_token, hf_tokenizer.sep_token
+        special = [(cls_token, hf_tokenizer.cls_token_id)]
         if add_sep:
-            special.append(('[SEP]', hf_tokenizer.sep_token_id))
+            special.append((sep_token, hf_tokenizer.sep_token_id))
         hf_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single='[CLS] $A [SEP]' if add_sep else '[CLS] $A', special_tokens=special)
+            single=f'{cls_token} $A {sep_token}' if add_sep else f'{cls_token} $A', special_tokens=special)
 
     @classmethod
     def from_pretrained(cls, name_or_folder, add_sep=False, **kwargs):
