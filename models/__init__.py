@@ -8,24 +8,25 @@ import importlib
 
 from utils import ConfigError
 
-# task name -> module holding that task's `ALBEF` class (grounding fine-tunes the retrieval model).
+# task name -> (module, model class) of that task (grounding fine-tunes the retrieval model).
 TASK_MODULES = {
-    'pretrain': 'models.model_pretrain',
-    'retrieval': 'models.model_retrieval',
-    'grounding': 'models.model_retrieval',
-    'vqa': 'models.model_vqa',
-    'nlvr': 'models.model_nlvr',
-    've': 'models.model_ve',
-    'pretrain_nlvr': 'models.model_pretrain_nlvr',
+    'pretrain': ('models.model_pretrain', 'ALBEFPretrain'),
+    'retrieval': ('models.model_retrieval', 'ALBEFRetrieval'),
+    'grounding': ('models.model_retrieval', 'ALBEFRetrieval'),
+    'vqa': ('models.model_vqa', 'ALBEFVQA'),
+    'nlvr': ('models.model_nlvr', 'ALBEFNLVR'),
+    've': ('models.model_ve', 'ALBEFVE'),
+    'pretrain_nlvr': ('models.model_pretrain_nlvr', 'ALBEFPretrainNLVR'),
 }
 
 
 def model_class(task):
-    """The ALBEF class for a task name (see TASK_MODULES)."""
+    """The model class of a task name (see TASK_MODULES)."""
     if task not in TASK_MODULES:
         raise ConfigError(f'create_model: unknown task {task!r} (known: {", ".join(TASK_MODULES)})')
     # Imported lazily so that `import models` stays cheap and sub-modules can import each other freely.
-    return importlib.import_module(TASK_MODULES[task]).ALBEF
+    module, name = TASK_MODULES[task]
+    return getattr(importlib.import_module(module), name)
 
 
 def create_model(task, config, tokenizer=None, inference=False):

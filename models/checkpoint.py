@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from utils import UserError
 
@@ -291,8 +291,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor
 
     The model's extra (CLS) rows: E = num_tokens - n^2 for the model's square grid n; the checkpoint's grid is
     g = int(sqrt(len - E)). The E leading rows are kept; the grid is resized with bicubic interpolation,
-    align_corners=False, no antialias (as the original), computed in float32 and returned in the input dtype.
-    Returns the input unchanged when the grids agree.
+    align_corners=False, no antialias (as the original; timm's `resample_abs_pos_embed` does it), computed in
+    float32 and returned in the input dtype. Returns the input unchanged when the grids agree.
     """
     new = int(math.isqrt(num_tokens - 1))
     while new * new > num_tokens - 1:
@@ -304,12 +304,9 @@ def resample_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor
     if orig * orig + extra != pos_embed.shape[-2]:
         raise CheckpointError(f'position embedding of {pos_embed.shape[-2]} tokens is not {extra} extra token(s) '
                               f'plus a square grid')
-    dim = pos_embed.shape[-1]
-    head, grid = pos_embed[:, :extra], pos_embed[:, extra:]
-    grid = grid.reshape(-1, orig, orig, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new, new), mode='bicubic', align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
-    return torch.cat((head, grid), dim=1)
+    # timm's resize with antialias off is the original's bicubic resize, bit for bit (tests/test_checkpoint.py).
+    return resample_abs_pos_embed(pos_embed, [new, new], [orig, orig], num_prefix_tokens=extra,
+                                  interpolation='bicubic', antialias=False, align_corners=False)
 
 
 def _strip_bert(sd, notes):
@@ -580,7 +577,7 @@ def check_state_dict(state_dict: dict, target: Mapping, source_kind: str, varian
 # ------------------------------------------------------------------------------------------------------------
 def load_checkpoint(model: torch.nn.Module, source, variant: str, *, source_kind: str = 'auto',
                     allow_pickle: bool = False) -> dict:
-    """Load an ALBEF checkpoint into `model` (a models.model_<variant>.ALBEF), remapping as spec 8 describes.
+    """Load an ALBEF checkpoint into `model` (the `models.model_class(variant)` model), remapping as spec 8 describes.
 
     source: path, http(s) URL or an in-memory dict, with or without a 'model' wrapper.
     variant: the model's task (pretrain, retrieval, grounding, vqa, nlvr, ve, pretrain_nlvr).

@@ -1,11 +1,11 @@
 """ALBEF NLVR2 model: two images, 18-layer-rule text encoder with alternating cross-attention (spec 6.5)."""
 import torch
 
-from models.common import MomentumClassifier
+from models.classifier import MomentumClassifier
 from models.xbert import build_nlvr_text_encoder
 
 
-class ALBEF(MomentumClassifier):
+class ALBEFNLVR(MomentumClassifier):
     """forward(image, input_ids, attention_mask, targets, alpha) -> {'loss'}; predict(...) -> logits [B, 2].
 
     `image` is cat(all first images, all second images) along the batch ([2B, 3, R, R]). The text encoder has
@@ -25,3 +25,7 @@ class ALBEF(MomentumClassifier):
         image0_embeds, image1_embeds = torch.split(vit(image), input_ids.size(0))
         return enc(input_ids, attention_mask=attention_mask, encoder_hidden_states=[image0_embeds, image1_embeds],
                    encoder_attention_mask=[None, None]).last_hidden_state
+
+
+# Released code imports `from models.model_nlvr import ALBEF`.
+ALBEF = ALBEFNLVR

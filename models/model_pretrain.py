@@ -4,17 +4,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import losses
-from models.common import ContrastiveMixin, build_text_config, itm_hard_negatives, itm_negative_weights, require_tokenizer
+from models.contrastive import ContrastiveMixin, itm_hard_negatives, itm_negative_weights
+from models.encoder_config import build_text_config
 from models.momentum import concat_all_gather, dequeue_and_enqueue
 from models.xbert import BertForMaskedLM
+from utils import ConfigError
 
 
-class ALBEF(ContrastiveMixin, nn.Module):
+class ALBEFPretrain(ContrastiveMixin, nn.Module):
     """Pretraining model; forward(image, input_ids, attention_mask, alpha) -> {'loss_mlm','loss_ita','loss_itm'}."""
 
     def __init__(self, config, tokenizer, inference=False):
         super().__init__()
-        self.tokenizer = require_tokenizer(tokenizer, 'model_pretrain')
+        if tokenizer is None:
+            raise ConfigError('model_pretrain: a tokenizer is required (MLM masking reads its special ids)')
+        self.tokenizer = tokenizer
         self.mlm_probability = config.get('mlm_probability', 0.15)
         self._build_contrastive(config, build_text_config(config), BertForMaskedLM, inference=inference)
 
@@ -72,3 +76,7 @@ class ALBEF(ContrastiveMixin, nn.Module):
     def _dequeue_and_enqueue(self, image_feat, text_feat):
         dequeue_and_enqueue([self.image_queue, self.text_queue], self.queue_ptr,
                             [concat_all_gather(image_feat), concat_all_gather(text_feat)])
+
+
+# Released code imports `from models.model_pretrain import ALBEF`.
+ALBEF = ALBEFPretrain

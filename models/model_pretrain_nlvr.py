@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import losses
-from models.common import apply_grad_checkpointing, build_text_config
+from models.encoder_config import apply_grad_checkpointing, build_text_config
 from models.momentum import MomentumMixin
 from models.vit import build_vit
 from models.xbert import build_nlvr_text_encoder
@@ -13,7 +13,7 @@ from models.xbert import build_nlvr_text_encoder
 TA_TEMPERATURE = 0.07
 
 
-class ALBEF(MomentumMixin, nn.Module):
+class ALBEFPretrainNLVR(MomentumMixin, nn.Module):
     """forward(image, input_ids, attention_mask) -> {'loss'}: for caption b, classify an image pair as
     0 (caption describes the first image), 1 (the second) or 2 (neither). Needs a batch of at least 3.
 
@@ -81,3 +81,7 @@ class ALBEF(MomentumMixin, nn.Module):
         idx0, idx1, labels = self.sample_pairs(image_embeds)
         logits = self.ta_logits(image_embeds[idx0], image_embeds[idx1], input_ids, attention_mask)
         return {'loss': losses.classification_loss(logits, labels)}
+
+
+# Released code imports `from models.model_pretrain_nlvr import ALBEF`.
+ALBEF = ALBEFPretrainNLVR

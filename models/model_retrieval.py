@@ -3,15 +3,15 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models import losses
-from models.common import ContrastiveMixin, build_text_config, itm_hard_negatives, itm_negative_weights
+from models.contrastive import ContrastiveMixin, itm_hard_negatives, itm_negative_weights
+from models.encoder_config import build_text_config
 from models.momentum import concat_all_gather, dequeue_and_enqueue
 from models.xbert import BertModel
 
 
-class ALBEF(ContrastiveMixin, nn.Module):
+class ALBEFRetrieval(ContrastiveMixin, nn.Module):
     """forward(image, input_ids, attention_mask, idx, alpha) -> {'loss_ita', 'loss_itm'}.
 
     Inference pieces: encode_image, encode_text, itm_logits. Momentum encoders always exist (the queues hold
@@ -66,3 +66,7 @@ class ALBEF(ContrastiveMixin, nn.Module):
         dequeue_and_enqueue([self.image_queue, self.text_queue, self.idx_queue], self.queue_ptr,
                             [concat_all_gather(image_feat), concat_all_gather(text_feat),
                              concat_all_gather(idx.view(-1))])
+
+
+# Released code imports `from models.model_retrieval import ALBEF`.
+ALBEF = ALBEFRetrieval

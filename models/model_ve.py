@@ -1,11 +1,11 @@
 """ALBEF SNLI-VE model: multimodal encoder + 3-way classifier (spec 6.7)."""
 from functools import partial
 
-from models.common import MomentumClassifier
+from models.classifier import MomentumClassifier
 from models.xbert import BertModel
 
 
-class ALBEF(MomentumClassifier):
+class ALBEFVE(MomentumClassifier):
     """forward(image, input_ids, attention_mask, targets, alpha) -> {'loss'}; predict(...) -> logits [B, 3]
     (0 contradiction, 1 neutral, 2 entailment)."""
 
@@ -19,3 +19,7 @@ class ALBEF(MomentumClassifier):
         vit = self.visual_encoder_m if momentum else self.visual_encoder
         enc = self.text_encoder_m if momentum else self.text_encoder
         return enc(input_ids, attention_mask=attention_mask, encoder_hidden_states=vit(image)).last_hidden_state
+
+
+# Released code imports `from models.model_ve import ALBEF`.
+ALBEF = ALBEFVE

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.common import apply_grad_checkpointing, build_text_config
+from models.encoder_config import apply_grad_checkpointing, build_text_config
 from models.momentum import MomentumMixin
 from models.vit import build_vit
 from models.xbert import BertLMHeadModel, BertModel
@@ -12,7 +12,7 @@ from models.xbert import BertLMHeadModel, BertModel
 RANK_ROWS_PER_CALL = 256
 
 
-class ALBEF(MomentumMixin, nn.Module):
+class ALBEFVQA(MomentumMixin, nn.Module):
     """forward(image, q_ids, q_atts, answer_ids, answer_atts, weights, answers_per_question, alpha) -> {'loss'};
     predict(...) / rank_answer(...) -> (topk_ids, topk_probs).
 
@@ -123,3 +123,7 @@ class ALBEF(MomentumMixin, nn.Module):
         probs = F.softmax(score, dim=1)
         topk_probs, rerank = probs.topk(k, dim=1)
         return torch.gather(topk_ids, 1, rerank), topk_probs
+
+
+# Released code imports `from models.model_vqa import ALBEF`.
+ALBEF = ALBEFVQA

@@ -1,12 +1,17 @@
 """ALBEF's tokenizer behaviour on top of transformers' fast BERT tokenizer (spec section 3).
 
 The original encodes a single text as "[CLS] pieces" with **no trailing [SEP]**; truncation keeps at most
-max_length - 1 word pieces. `BertTokenizer(add_sep=True)` gives the standard "[CLS] pieces [SEP]" instead.
+max_length - 1 word pieces. Both come from the fast tokenizer itself, given a `tokenizers` post-processor whose
+template is "[CLS] $A" (truncation leaves room for the special tokens the template adds).
+`BertTokenizer(add_sep=True)` gives the standard "[CLS] pieces [SEP]" instead.
 A literal "[SEP]" inside a string is one token (special tokens are never split by the fast tokenizer), so VQA
 answers ending in "[SEP]" get their end token that way. Every id comes from the loaded vocabulary.
 """
 import torch
+from tokenizers.processors import TemplateProcessing
 from transformers import BertTokenizerFast
+
+PADDING = (True, False, None, 'longest', 'max_length', 'do_not_pad')
 
 
 class Encoding(dict):
@@ -27,11 +32,20 @@ class Encoding(dict):
 
 
 class BertTokenizer:
-    """Callable wrapper around transformers.BertTokenizerFast with ALBEF's single-sequence format."""
+    """Callable wrapper around transformers.BertTokenizerFast with ALBEF's single-sequence format.
+
+    The wrapped tokenizer's post-processor is replaced, so its own `encode` / `__call__` also give that format.
+    """
 
     def __init__(self, hf_tokenizer, add_sep=False):
         self.hf = hf_tokenizer
         self.add_sep = add_sep
+        cls_token, sep_token = hf_tokenizer.cls_token, hf_tokenizer.sep_token
+        special = [(cls_token, hf_tokenizer.cls_token_id)]
+        if add_sep:
+            special.append((sep_token, hf_tokenizer.sep_token_id))
+        hf_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single=f'{cls_token} $A {sep_token}' if add_sep else f'{cls_token} $A', special_tokens=special)
 
     @classmethod
     def from_pretrained(cls, name_or_folder, add_sep=False, **kwargs):
@@ -97,37 +111,23 @@ class BertTokenizer:
         """
         if kwargs:
             raise TypeError(f'BertTokenizer: unsupported arguments {sorted(kwargs)}')
-        single = isinstance(text, str)
-        texts = [text] if single else list(text)
-        n_special = 2 if self.add_sep else 1
-        pieces = self.hf(texts, add_special_tokens=False)['input_ids'] if texts else []
-        do_truncate = truncation not in (False, None, 'do_not_truncate')
-        if do_truncate:
-            if max_length is None:
-                max_length = self.hf.model_max_length
-            pieces = [p[:max(max_length - n_special, 0)] for p in pieces]
-        ids = [[self.cls_token_id] + p + ([self.sep_token_id] if self.add_sep else []) for p in pieces]
-
-        if padding in (True, 'longest'):
-            target = max((len(x) for x in ids), default=0)
-        elif padding == 'max_length':
-            target = max_length if max_length is not None else self.hf.model_max_length
-        elif padding in (False, None, 'do_not_pad'):
-            target = None
-        else:
+        if padding not in PADDING:
             raise ValueError(f'BertTokenizer: unknown padding {padding!r}')
-        masks = [[1] * len(x) for x in ids]
-        if target is not None:
-            masks = [m + [0] * max(target - len(m), 0) for m in masks]
-            ids = [x + [self.pad_token_id] * max(target - len(x), 0) for x in ids]
-
-        if return_tensors == 'pt':
-            if len({len(x) for x in ids}) > 1:
-                raise ValueError('BertTokenizer: texts have different lengths; use padding=True for tensors')
-            return Encoding(input_ids=torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
-                            attention_mask=torch.tensor(masks, dtype=torch.long).reshape(len(ids), -1))
-        if return_tensors is not None:
+        if return_tensors not in (None, 'pt'):
             raise ValueError(f"BertTokenizer: return_tensors must be 'pt' or None, got {return_tensors!r}")
-        if single:
-            return Encoding(input_ids=ids[0], attention_mask=masks[0])
-        return Encoding(input_ids=ids, attention_mask=masks)
+        if not isinstance(text, str):
+            text = list(text)
+            if not text:
+                return Encoding(input_ids=[], attention_mask=[])
+        do_truncate = truncation not in (False, None, 'do_not_truncate')
+        # transformers would truncate to max_length without truncation=True (the original does not), and warns
+        # when max_length comes without a use: pass it only where it applies.
+        if not do_truncate and padding != 'max_length':
+            max_length = None
+        elif do_truncate and max_length is not None:
+            # Below the number of special tokens transformers leaves the text whole; the original keeps no piece,
+            # which is the same as truncating to exactly the special tokens (and pads to no more than that).
+            max_length = max(max_length, 2 if self.add_sep else 1)
+        enc = self.hf(text, padding=padding or False, truncation=do_truncate, max_length=max_length,
+                      return_tensors=return_tensors, return_token_type_ids=False)
+        return Encoding(input_ids=enc['input_ids'], attention_mask=enc['attention_mask'])

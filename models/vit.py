@@ -145,27 +145,3 @@ def build_vit(config):
         init_std=config.get('vision_init_std', .02),
         patch_embed=config.get('patch_embed', 'linear'),
     )
-
-
-def interpolate_pos_embed(pos_embed_checkpoint, visual_encoder):
-    """Resize a checkpoint's position embedding [1, 1 + orig^2, C] to the grid of `visual_encoder`.
-
-    The CLS row is kept; the patch rows are resized as a 2-D grid with bicubic interpolation
-    (align_corners False, no antialias), as in spec 5.2. Returns the input unchanged when the grids agree.
-    """
-    embedding_size = pos_embed_checkpoint.shape[-1]
-    num_patches = visual_encoder.patch_embed.num_patches
-    num_extra_tokens = visual_encoder.pos_embed.shape[-2] - num_patches
-    orig_size = int((pos_embed_checkpoint.shape[-2] - num_extra_tokens) ** 0.5)
-    new_size = int(num_patches ** 0.5)
-    if orig_size == new_size:
-        return pos_embed_checkpoint
-    extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]
-    pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
-    pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)
-    # Interpolate in float32 (bicubic is not implemented for every low-precision dtype on CPU).
-    pos_tokens = F.interpolate(pos_tokens.float(), size=(new_size, new_size), mode='bicubic',
-                               align_corners=False).to(pos_embed_checkpoint.dtype)
-    pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)
-    print('reshape position embedding from %d to %d' % (orig_size ** 2, new_size ** 2))
-    return torch.cat((extra_tokens, pos_tokens), dim=1)

@@ -7,10 +7,11 @@ the value for `epoch` (ALBEF also calls it with `i // 100` during the epoch-0 wa
 
 Where current timm's formulas differ from the original's, the subclasses below restore the original:
 
-* cosine: warm-up is a *prefix* (`warmup_prefix=True`, the original ALBEF class default; current timm defaults to
-  False, which makes the lr jump down after warm-up); the cycle's minimum is decayed with the cycle
-  (`lr_min * decay_rate**i`; timm 1.0 keeps it fixed); `cycle_limit=0` means unlimited cycles; the cycle length
-  reported to the factory excludes the warm-up (so `num_epochs = epochs + cooldown_epochs` as in the original).
+* cosine: timm's formula, with warm-up as a *prefix* (`warmup_prefix=True`, the original ALBEF class default;
+  current timm defaults to False, which makes the lr jump down after warm-up). Beyond one cycle, the cycle's
+  minimum is decayed with the cycle (`lr_min * decay_rate**i`; timm 1.0 keeps it fixed) and `cycle_limit=0`
+  means unlimited cycles; the cycle length reported to the factory excludes the warm-up (so
+  `num_epochs = epochs + cooldown_epochs` as in the original).
 * tanh: lb -6, ub 4, no warm-up prefix (the warm-up slope aims at lr(warmup_t)); minimum decayed with the cycle;
   beyond the cycle limit the lr is `lr_min * decay_rate**cycle_limit`; `cycle_limit=0` means unlimited.
 * step: no warm-up prefix (timm 1.0 defaults to a prefix): `lr = base * decay_rate**floor(t / decay_epochs)`.
@@ -69,11 +70,14 @@ def _in_cycle_limit(i: int, cycle_limit: int) -> bool:
 
 
 class CosineLRScheduler(_TimmCosine):
-    """timm's CosineLRScheduler with the original formulas (see the module docstring). Defaults as the original
-    ALBEF class: `warmup_prefix=True`. With warm-up the lr is set to `warmup_lr_init` at construction.
+    """timm's CosineLRScheduler with the original's defaults and cycle rules (see the module docstring). Defaults
+    as the original ALBEF class: `warmup_prefix=True`. With warm-up the lr is set to `warmup_lr_init` at
+    construction.
 
     lr(t) = w + t (b - w) / Wt for t < Wt; else with t' = t - Wt (prefix), cycle i and position t_c of length T_i:
-    lr = m d^i + (b d^i - m d^i)(1 + cos(pi t_c / T_i)) / 2 inside the cycle limit, m beyond it.
+    lr = m d^i + (b d^i - m d^i)(1 + cos(pi t_c / T_i)) / 2 inside the cycle limit, m beyond it. timm computes
+    exactly this (tests/test_scheduler.py steps both over every shipped config) except for a decayed minimum in
+    a later cycle (timm keeps m) and `cycle_limit=0` (timm: no cycle at all); only those two are computed here.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, t_initial: int, lr_min: float = 0., cycle_mul: float = 1.,
@@ -85,9 +89,13 @@ class CosineLRScheduler(_TimmCosine):
                          warmup_prefix=warmup_prefix, t_in_epochs=t_in_epochs, noise_range_t=noise_range_t,
                          noise_pct=noise_pct, noise_std=noise_std, noise_seed=noise_seed, initialize=initialize)
 
+    def _timm_is_original(self) -> bool:
+        """Whether timm's formula is the original's for this schedule (one cycle, the default, always is)."""
+        return self.cycle_limit == 1 or (self.cycle_limit != 0 and (self.cycle_decay == 1 or self.lr_min == 0))
+
     def _get_lr(self, t: int) -> List[float]:
-        if t < self.warmup_t:
-            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        if t < self.warmup_t or self._timm_is_original():
+            return super()._get_lr(t)
         if self.warmup_prefix:
             t = t - self.warmup_t
         i, t_i, t_curr = _cycle_index(t, self.t_initial, self.cycle_mul)
@@ -99,7 +107,8 @@ class CosineLRScheduler(_TimmCosine):
                 for b in self.base_values]
 
     def get_cycle_length(self, cycles: int = 0) -> float:
-        """Length of `cycles` cycles (default: cycle_limit) without the warm-up, as the original reports it."""
+        """Length of `cycles` cycles (default: cycle_limit) without the warm-up, as the original reports it (timm
+        adds the warm-up prefix)."""
         return _original_cycle_length(self.t_initial, self.cycle_mul, self.cycle_limit, cycles)
 
 

@@ -9,6 +9,7 @@ import argparse
 import functools
 import http.server
 import json
+import math
 import os
 import threading
 import types
@@ -20,7 +21,6 @@ import torch
 from models import create_model
 from models.checkpoint import (CheckpointError, check_state_dict, detect_kind, load_checkpoint, read_checkpoint,
                                remap_state_dict, resample_pos_embed, unwrap_state_dict)
-from models.vit import interpolate_pos_embed
 
 F_LAYER, N_LAYERS = 2, 4  # fusion layer and depth of the tiny BERT
 BERT = dict(architectures=['BertForMaskedLM'], attention_probs_dropout_prob=0.1, hidden_act='gelu',
@@ -77,19 +77,36 @@ def flat_online(sd):
     return {k: v for k, v in sd.items() if not is_momentum(k) and k not in QUEUES}
 
 
+def bicubic_resize(pos, vit):
+    """The original's resize of a [1, 1 + g^2, C] position embedding to the grid of `vit` (a ViT or a token
+    count), written out: CLS row kept, the grid resized bicubic (align_corners False, no antialias) in float32."""
+    num_tokens = vit if isinstance(vit, int) else vit.pos_embed.shape[1]
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(num_tokens - 1)
+    grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=(new, new), mode='bicubic', align_corners=False)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], dim=1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pure functions
 # ----------------------------------------------------------------------------------------------------------------
-def test_resample_pos_embed_matches_vit_helper_and_keeps_cls():
+def test_resample_pos_embed_is_the_bicubic_resize_and_keeps_cls():
     vit = build('retrieval', image_res=48).visual_encoder  # 3x3 grid
     pos = torch.randn(1, 1 + 4, 32)  # 2x2 grid
     out = resample_pos_embed(pos, vit.pos_embed.shape[1])
     assert out.shape == (1, 10, 32)
     assert torch.equal(out[:, :1], pos[:, :1])
-    assert torch.allclose(out, interpolate_pos_embed(pos, vit), atol=0, rtol=0)
+    assert torch.equal(out, bicubic_resize(pos, vit))
     assert resample_pos_embed(pos, 5) is pos
     # bf16 input stays bf16 (the reference fixtures store bf16) and is computed in float32.
     assert resample_pos_embed(pos.bfloat16(), 10).dtype == torch.bfloat16
+    assert torch.equal(resample_pos_embed(pos.bfloat16(), 10), bicubic_resize(pos.bfloat16(), vit))
+    # the released checkpoints' case: ViT-B/16 from 256 px (16x16 grid) to 384 px (24x24), and back
+    big = torch.randn(1, 257, 768)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(resample_pos_embed(big.to(dtype), 577), bicubic_resize(big.to(dtype), 577))
+    small = resample_pos_embed(big, 577)
+    assert torch.equal(resample_pos_embed(small, 257), bicubic_resize(small, 257))
 
 
 def test_detect_kind_on_released_layouts():
@@ -194,7 +211,7 @@ def test_pretrain_to_retrieval(albef_pth, variant):
     for sfx in ('', '_m'):
         assert_same(sub(got, f'text_encoder{sfx}.'), sub(src, f'text_encoder{sfx}.bert.'), f'text_encoder{sfx}')
         vis = sub(src, f'visual_encoder{sfx}.')
-        vis['pos_embed'] = interpolate_pos_embed(vis['pos_embed'], model.visual_encoder)
+        vis['pos_embed'] = bicubic_resize(vis['pos_embed'], model.visual_encoder)
         assert_same(sub(got, f'visual_encoder{sfx}.'), vis, f'visual_encoder{sfx}')
     for k in src:
         if k in ('temp', 'image_queue', 'text_queue', 'queue_ptr') or k.startswith(
@@ -322,7 +339,7 @@ def test_flat_online_retrieval_checkpoint(variant):
     assert report['unexpected'] == []
     got = snapshot(model)
     want = dict(src)
-    want['visual_encoder.pos_embed'] = interpolate_pos_embed(src['visual_encoder.pos_embed'], model.visual_encoder)
+    want['visual_encoder.pos_embed'] = bicubic_resize(src['visual_encoder.pos_embed'], model.visual_encoder)
     assert_same({k: v for k, v in got.items() if k in want}, want)
     for prefix in ('visual_encoder', 'text_encoder', 'vision_proj', 'text_proj'):
         assert_same(sub(got, prefix + '_m.'), sub(got, prefix + '.'), prefix + '_m')

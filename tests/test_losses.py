@@ -137,7 +137,7 @@ def test_mask_tokens_rules_and_rng():
 
 
 def test_itm_negative_weights_hard_random_and_excluded_pairs():
-    from models.common import itm_negative_weights
+    from models.contrastive import itm_negative_weights
     torch.manual_seed(0)
     sim = torch.randn(5, 5) * 3
     itself = torch.eye(5, dtype=torch.bool)
@@ -162,7 +162,7 @@ def test_itm_negative_weights_hard_random_and_excluded_pairs():
 def test_itm_negative_weights_when_a_batch_holds_one_image_only():
     """Rows whose every candidate is a positive (all captions of one image) draw among the other items instead of
     making torch.multinomial fail; other rows keep the softmax of the similarities."""
-    from models.common import itm_negative_weights
+    from models.contrastive import itm_negative_weights
     sim = torch.randn(4, 4)
     same = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
     w = itm_negative_weights(sim, same)

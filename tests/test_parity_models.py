@@ -355,20 +355,23 @@ def test_vit_recording_block_matches_sdpa_and_keeps_gradients(tmp_path):
     assert vit.blocks[1].attn.save_attention is False
 
 
-def test_interpolate_pos_embed_bicubic_keeps_cls(tmp_path):
+def test_resample_pos_embed_bicubic_keeps_cls(tmp_path):
+    """The loader's position-embedding resize (models.checkpoint.resample_pos_embed) is exactly the original's
+    bicubic resize of the patch grid (align_corners False, no antialias), CLS row kept."""
     import torch.nn.functional as F
-    from models.vit import build_vit, interpolate_pos_embed
+    from models.checkpoint import resample_pos_embed
+    from models.vit import build_vit
     config, _ = small_config(tmp_path, image_res=48)  # 3x3 grid
     vit = build_vit(config)
     ckpt = torch.randn(1, 1 + 4, 32)                  # 2x2 grid
-    new = interpolate_pos_embed(ckpt, vit)
+    new = resample_pos_embed(ckpt, vit.pos_embed.shape[1])
     assert new.shape == vit.pos_embed.shape
     assert torch.equal(new[:, 0], ckpt[:, 0])
     grid = ckpt[:, 1:].reshape(1, 2, 2, 32).permute(0, 3, 1, 2)
     want = F.interpolate(grid, size=(3, 3), mode='bicubic', align_corners=False).permute(0, 2, 3, 1).reshape(1, 9, 32)
-    torch.testing.assert_close(new[:, 1:], want)
+    assert torch.equal(new[:, 1:], want)
     same = torch.randn(1, 10, 32)
-    assert interpolate_pos_embed(same, vit) is same
+    assert resample_pos_embed(same, vit.pos_embed.shape[1]) is same
 
 
 def test_xbert_modes_and_cross_attention_recording(tmp_path):
@@ -491,3 +494,13 @@ def test_inference_helpers(tmp_path):
     assert ret.itm_logits(text_embeds, atts, image_embeds).shape == (4, 2)
     with pytest.raises(ValueError):
         create_model('captioning', config, tok)
+
+
+def test_model_classes_have_descriptive_names_and_keep_the_released_alias():
+    """Each task's class has its own name; `from models.model_x import ALBEF` (released code) still works."""
+    import importlib
+    import models
+    for task, (module, name) in models.TASK_MODULES.items():
+        mod = importlib.import_module(module)
+        assert models.model_class(task) is getattr(mod, name) is mod.ALBEF
+        assert name.startswith('ALBEF') and name != 'ALBEF'

@@ -230,6 +230,47 @@ def test_spec_9_3_table(name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# timm's cosine scheduler is the original's on every shipped config
+# ---------------------------------------------------------------------------------------------------------------
+SHIPPED_CONFIGS = sorted(os.path.relpath(os.path.join(d, f), ROOT)
+                         for d in (os.path.join(ROOT, 'configs'), os.path.join(ROOT, 'configs', 'toy'))
+                         for f in os.listdir(d) if f.endswith('.yaml'))
+
+
+def original_cosine_lrs(t, base_values, w, Wt, T, m):
+    """The original's one-cycle cosine lr at t, in its own order of operations (warm-up steps precomputed)."""
+    if t < Wt:
+        return [w + t * ((b - w) / Wt) for b in base_values]
+    t = t - Wt
+    i, t_c = t // T, t - T * (t // T)
+    if i >= 1:
+        return [m for _ in base_values]
+    gamma = 1.0 ** i
+    return [m * gamma + 0.5 * (b * gamma - m * gamma) * (1 + math.cos(math.pi * t_c / T)) for b in base_values]
+
+
+@pytest.mark.parametrize('path', SHIPPED_CONFIGS)
+def test_timm_cosine_is_the_original_on_every_shipped_config(path):
+    """Step create_scheduler's scheduler, plain timm CosineLRScheduler(warmup_prefix=True) and the original's
+    formula over the whole schedule (the warm-up steps, every epoch, past the end): identical lrs."""
+    from timm.scheduler import CosineLRScheduler as TimmCosine
+    config = load_config(os.path.join(ROOT, path))
+    sc = config['schedular']
+    assert sc['sched'] == 'cosine' and sc.get('lr_cycle_limit', 1) == 1, path
+    b, w, Wt, T, m = config['optimizer']['lr'], sc['warmup_lr'], sc['warmup_epochs'], sc['epochs'], sc['min_lr']
+    ours_opt, timm_opt = _optimizer(b), _optimizer(b)
+    ours, num_epochs = create_scheduler(sc, ours_opt)
+    timm = TimmCosine(timm_opt, t_initial=T, lr_min=m, cycle_decay=sc['decay_rate'], warmup_t=Wt,
+                      warmup_lr_init=w, warmup_prefix=True)
+    assert num_epochs == T + sc['cooldown_epochs']
+    assert _lrs(ours_opt) == _lrs(timm_opt)
+    for t in range(Wt + num_epochs + 3):
+        ours.step(t)
+        timm.step(t)
+        assert _lrs(ours_opt) == _lrs(timm_opt) == original_cosine_lrs(t, [b, b], w, Wt, T, m), (path, t)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Resume, factory details
 # ---------------------------------------------------------------------------------------------------------------
 def _roundtrip(state):

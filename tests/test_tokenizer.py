@@ -80,3 +80,46 @@ def test_a_tokenizer_without_vocabulary_is_refused(tmp_path):
         BertTokenizer.from_pretrained(str(tmp_path))
     with pytest.raises(utils.UserError, match='cannot load the tokenizer'):
         BertTokenizer.from_pretrained(str(tmp_path / 'missing' / 'folder'))
+
+
+def _written_out(tok, texts, padding, truncation, max_length, add_sep):
+    """ALBEF's format built by hand from the word pieces: [CLS] pieces ([SEP]), truncated to max_length - specials
+    pieces only with truncation, padded to the longest or to max_length."""
+    n_special = 2 if add_sep else 1
+    max_length = tok.model_max_length if max_length is None else max_length
+    pieces = tok.hf(texts, add_special_tokens=False)['input_ids']
+    if truncation:
+        pieces = [p[:max(max_length - n_special, 0)] for p in pieces]
+    ids = [[tok.cls_token_id] + p + ([tok.sep_token_id] if add_sep else []) for p in pieces]
+    target = {'longest': max(map(len, ids)), 'max_length': max_length, False: None}[padding]
+    masks = [[1] * len(x) for x in ids]
+    if target is not None:
+        masks = [m + [0] * max(target - len(m), 0) for m in masks]
+        ids = [x + [tok.pad_token_id] * max(target - len(x), 0) for x in ids]
+    return ids, masks
+
+
+@pytest.mark.parametrize('add_sep', [False, True])
+def test_fast_tokenizer_template_gives_the_written_out_format(tok, add_sep):
+    """The fast tokenizer with a "[CLS] $A" template gives exactly the ids and masks built by hand."""
+    if add_sep:
+        tok = BertTokenizer.from_pretrained(tok.name_or_path, add_sep=True)
+    texts = ['the dog runs', 'a cat playing on grass , yes .', '', 'ZEBRA', 'no [SEP]', 'the ' * 40,
+             'the dog runs on grass playing']
+    for padding in ('longest', 'max_length', False):
+        for truncation in (True, False):
+            for max_length in (None, 0, 1, 2, 4, 30):
+                if padding == 'max_length' and max_length is None and not truncation:
+                    continue  # pads to 512: covered by the other cases
+                want_ids, want_masks = _written_out(tok, texts, padding, truncation, max_length, add_sep)
+                enc = tok(texts, padding=padding, truncation=truncation, max_length=max_length)
+                assert (enc.input_ids, enc.attention_mask) == (want_ids, want_masks), (padding, truncation,
+                                                                                      max_length)
+                if len(set(map(len, want_ids))) == 1:  # tensors need equal lengths
+                    enc = tok(texts, padding=padding, truncation=truncation, max_length=max_length,
+                              return_tensors='pt')
+                    assert enc.input_ids.tolist() == want_ids and enc.attention_mask.tolist() == want_masks
+                for text in texts[:3]:
+                    one = tok(text, padding=padding, truncation=truncation, max_length=max_length)
+                    want = _written_out(tok, [text], padding, truncation, max_length, add_sep)
+                    assert (one.input_ids, one.attention_mask) == (want[0][0], want[1][0])

@@ -1,124 +1,18 @@
-"""Small construction/forward helpers shared by the ALBEF variants (one place for each piece)."""
+"""The image-text contrastive (ITC) and matching (ITM) body shared by the pretraining and retrieval models:
+`ContrastiveMixin` (encoders, projections, ITM head, feature queues, momentum copies), the queues' initial
+contents, and the choice of ITM hard negatives."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import losses
+from models.encoder_config import apply_grad_checkpointing
 from models.momentum import MomentumMixin
 from models.vit import build_vit
-from models.xbert import build_bert_config, set_gradient_checkpointing
-from utils import ConfigError
-
-
-def build_text_config(config, **overrides):
-    """BertConfig from config['bert_config'] (path or dict) for a text encoder reading ViT tokens.
-
-    encoder_width (input width of cross-attention key/value) defaults to config['vision_width']; a bert config
-    giving a different value cannot work and is refused with a one-line error. `overrides` win.
-    """
-    if 'bert_config' not in config:
-        raise ConfigError("config: missing key 'bert_config'")
-    cfg = build_bert_config(config['bert_config'], **overrides)
-    if 'encoder_width' not in overrides:
-        vision_width = config.get('vision_width', 768)
-        given = getattr(cfg, 'encoder_width', None)
-        if given is not None and given != vision_width:
-            raise ConfigError(f'bert_config: encoder_width {given} != vision_width {vision_width}')
-        cfg.encoder_width = vision_width
-    return cfg
 
 
 def make_queue(dim, size):
     """Feature queue [dim, size] of random unit columns (float32)."""
     return F.normalize(torch.randn(dim, size), dim=0)
-
-
-def require_tokenizer(tokenizer, who):
-    """Return tokenizer, refusing None with a one-line error naming the model."""
-    if tokenizer is None:
-        raise ConfigError(f'{who}: a tokenizer is required (MLM masking reads its special ids)')
-    return tokenizer
-
-
-def grad_checkpointing_targets(config):
-    """Parse config['grad_checkpointing'] (bool or list from ['vision', 'text']) -> set of parts."""
-    value = config.get('grad_checkpointing', False)
-    if isinstance(value, bool):
-        return {'vision', 'text'} if value else set()
-    if isinstance(value, (list, tuple)):
-        bad = [v for v in value if v not in ('vision', 'text')]
-        if bad:
-            raise ConfigError(f"config grad_checkpointing: unknown part {bad[0]!r} (allowed: 'vision', 'text')")
-        return set(value)
-    raise ConfigError(f'config grad_checkpointing: expected bool or list, got {value!r}')
-
-
-def apply_grad_checkpointing(config, visual_encoder, *text_modules):
-    """Switch gradient checkpointing on the online encoders as config['grad_checkpointing'] asks."""
-    parts = grad_checkpointing_targets(config)
-    visual_encoder.set_grad_checkpointing('vision' in parts)
-    for m in text_modules:
-        set_gradient_checkpointing(m, 'text' in parts)
-
-
-def cls_head(width, num_classes):
-    """Classifier Sequential(Linear(H,H), ReLU, Linear(H,n)) -> state keys cls_head.0.*, cls_head.2.*."""
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
-
-
-class MomentumClassifier(MomentumMixin, nn.Module):
-    """Base of the NLVR2 and SNLI-VE models: ViT + multimodal text encoder + [CLS] classifier head, with momentum
-    copies of all three for distillation when config['distill'] (the default).
-
-    forward(image, input_ids, attention_mask, targets, alpha) -> {'loss'}; predict(...) -> logits
-    [B, num_classes]. A subclass sets `num_classes` and defines `multimodal_hidden(image, input_ids,
-    attention_mask, momentum=False) -> [B, L, H]`, which is where the two tasks differ (one image or an image
-    pair); `build_text_encoder(bert_config)` builds its online and momentum text encoders.
-    """
-
-    num_classes: int
-
-    def __init__(self, config, tokenizer, build_text_encoder, inference=False):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.distill = config.get('distill', True) and not inference
-        self.momentum = config.get('momentum', 0.995)
-        bert_config = build_text_config(config)
-        width = bert_config.hidden_size
-
-        # Construction order fixes the random initialisation: online modules first, then the momentum copies.
-        self.visual_encoder = build_vit(config)
-        self.text_encoder = build_text_encoder(bert_config)
-        self.cls_head = cls_head(width, self.num_classes)
-        if self.distill:
-            self.visual_encoder_m = build_vit(config)
-            self.text_encoder_m = build_text_encoder(bert_config)
-            self.cls_head_m = cls_head(width, self.num_classes)
-            self.model_pairs = [(self.visual_encoder, self.visual_encoder_m),
-                                (self.text_encoder, self.text_encoder_m),
-                                (self.cls_head, self.cls_head_m)]
-            self.copy_params()
-        else:
-            self.model_pairs = []
-        apply_grad_checkpointing(config, self.visual_encoder, self.text_encoder)
-
-    def multimodal_hidden(self, image, input_ids, attention_mask, momentum=False):
-        raise NotImplementedError
-
-    def predict(self, image, input_ids, attention_mask):
-        """Class logits [B, num_classes] from the [CLS] state."""
-        return self.cls_head(self.multimodal_hidden(image, input_ids, attention_mask)[:, 0, :])
-
-    def forward(self, image, input_ids, attention_mask, targets, alpha=0.):
-        prediction = self.predict(image, input_ids, attention_mask)
-        prediction_m = None
-        if self.distill:
-            with torch.no_grad():
-                self._momentum_update()
-                hidden_m = self.multimodal_hidden(image, input_ids, attention_mask, momentum=True)
-                prediction_m = self.cls_head_m(hidden_m[:, 0, :])
-        loss = losses.classification_loss(prediction, targets, prediction_m, alpha)
-        return {'loss': loss}
 
 
 class ContrastiveMixin(MomentumMixin):
