@@ -1,7 +1,8 @@
 """What every evaluator shares: in-order sharded loaders, the union of the ranks' results, the results JSON file.
 
 * `build_eval_loaders` / `batch_indices` - evaluation loaders that never shuffle, and the dataset indices of the
-  batches they will yield (so that each prediction can be tied to its item);
+  batches they will yield (so that each prediction can be tied to its item); `progress_iter` - a loop with or
+  without the progress display;
 * `merge_shards` - the per-rank results gathered from all ranks, each dataset index once: DistributedSampler pads
   the last shards with repeats of the first indices, which the original counted twice;
 * `ResultsFile` - the readable JSON file of an evaluator: every evaluation under 'epochs' (kept across a resume),
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Mapping, Sequence
 
@@ -44,6 +46,14 @@ def batch_indices(loader: DataLoader) -> list[list[int]]:
     if isinstance(loader.sampler, RandomSampler):
         raise ValueError('evaluation loader must not shuffle (its RandomSampler gives another order on every pass)')
     return [list(map(int, b)) for b in loader.batch_sampler]
+
+
+def progress_iter(iterable, n: int, header: str, progress: bool, print_freq: int | None = None):
+    """`iterable` with the MetricLogger progress display (about ten lines for `n` items) or silently."""
+    if not progress:
+        return iterable
+    freq = print_freq or max(1, math.ceil(n / 10))
+    return utils.MetricLogger().log_every(iterable, freq, header, total=n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
