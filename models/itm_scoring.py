@@ -82,7 +82,7 @@ class ITMPairScorer:
         lengths = text_atts.sum(1)
         right_padded = torch.arange(max_len, device=text_atts.device)[None, :] < lengths[:, None]
         if not torch.equal(right_padded, text_atts.bool()) or int(lengths.min()) < 1:
-            raise ValueError('ITM pair scoring: text attention masks must be right-padded runs of ones')
+            raise ValueError('retrieval evaluation: text attention masks must be right-padded runs of ones')
         layer = self.layers[0]
         states, queries = [], []
         for start in range(0, n_txt, chunk):
