@@ -19,8 +19,8 @@ import engine
 import utils
 from dataset import create_dataset
 from dataset.resumable import build_train_loader
-from evaluation import gradcam
 from evaluation.grounding import GroundingEvaluator, load_dets
+from models import gradcam
 from Retrieval import make_step_fn  # grounding trains exactly like retrieval (idx = image index)
 
 REQUIRED = ['train_file', 'test_file', 'image_root', 'refcoco_data', 'det_file', 'bert_config', 'image_res',

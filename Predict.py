@@ -32,8 +32,7 @@ class Predictor:
 
     def __init__(self, checkpoint: str, config: str | dict | None = None, device: str | None = None,
                  block_num: int | None = None, text_encoder: str | None = None, unsafe_load: bool = False):
-        from evaluation import gradcam
-        from models import load_model
+        from models import gradcam, load_model
         self.api = load_model(checkpoint, config=config, text_encoder=text_encoder, device=device,
                               unsafe_load=unsafe_load)
         self.api._require('gradcam')

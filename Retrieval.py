@@ -8,7 +8,7 @@
 --checkpoint: a pretraining checkpoint (fine-tuning start, or --score itc zero-shot) or a retrieval one (resume
 by hand, or --evaluate); a checkpoint of another variant is refused by the loader. Evaluation (every epoch, on val
 and test): ITC top-k_test candidates re-scored by the ITM head (evaluation/retrieval.py: --score itm | itm+itc |
-itc, --itm_batch_size, --image_states, --eval_impl reference for the original's per-query loop).
+itc, --itm_batch_size, --image_states).
 Outputs in output_dir: log.txt (per epoch: train_lr, train_loss_ita, train_loss_itm, val_txt_r1 ... test_r_mean),
 retrieval_test_metrics.json (every evaluation and the best epoch's val/test metrics), checkpoint_best.pth (best val
 r_mean), checkpoint_last.pth (resume point).
@@ -42,8 +42,6 @@ def get_args_parser():
                         help='(image, text) pairs per fusion call in evaluation (config itm_batch_size, else 1024)')
     parser.add_argument('--image_states', choices=IMAGE_STATE_PLACES, default='auto',
                         help='where evaluation keeps the ViT states: device, cpu (offload), auto (cpu if large)')
-    parser.add_argument('--eval_impl', choices=['fast', 'reference'], default='fast',
-                        help='re-ranking implementation (same scores; reference = per-query loop of the original)')
     return utils.one_line_errors(parser)
 
 
@@ -104,7 +102,7 @@ def main(argv=None):
     evaluator = RetrievalEvaluator(
         model_without_ddp, {'val': val_loader, 'test': test_loader}, tokenizer, device,
         k_test=config['k_test'], score=config.get('score', 'itm'), precision=config.get('precision', 'fp32'),
-        itm_batch_size=config.get('itm_batch_size', 1024), image_states=args.image_states, impl=args.eval_impl,
+        itm_batch_size=config.get('itm_batch_size', 1024), image_states=args.image_states,
         results_path=os.path.join(args.output_dir, 'retrieval_test_metrics.json'), resume=args.resume,
         extra={'checkpoint': args.checkpoint, 'image_res': config['image_res']})
     if args.evaluate:

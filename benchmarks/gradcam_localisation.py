@@ -6,7 +6,7 @@
     python benchmarks/gradcam_localisation.py ... --block_num 3 --limit 200
 
 Every RefCOCO+ expression of the world's held-out splits (val, testA, testB: the val and test pools' images) gets
-ITM Grad-CAM maps (evaluation/gradcam.py, as Predict.py draws them: one per word, word pieces merged, and one for
+ITM Grad-CAM maps (models/gradcam.py, as Predict.py draws them: one per word, word pieces merged, and one for
 the whole expression). A map "points at" the cell of the patch grid where it is largest (its peak; a map that is
 the same everywhere, e.g. all zero, points nowhere and counts as a miss). A cell lies on an object when the cell's
 centre, mapped to the image's pixels, lies inside the object's box (world.json; boxes of different objects never
@@ -27,7 +27,7 @@ cells lying on a qualifying object, averaged over the maps) and the number of ma
 one JSON object {name: {value, chance, n}} with exactly these four names.
 
 At the last fusion layer (`--block_num 3` on the toy model) only the [CLS] query reaches the ITM head: every word's
-map is zero there, so the word shares are 0 by construction (see evaluation/gradcam.default_block_num).
+map is zero there, so the word shares are 0 by construction (see models/gradcam.default_block_num).
 """
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ def gradcam_maps(predictor, expressions: Sequence[Expression], block_num: int | 
     of `predictor`'s model (a Predict.Predictor) as Predict.py computes it, batched over expressions."""
     import torch
     from dataset.utils import open_image_rgb, pre_caption
-    from evaluation import gradcam
+    from models import gradcam
     model, tokenizer = predictor.model, predictor.tokenizer
     block = gradcam.check_block_num(model, 'itm', predictor.block_num if block_num is None else block_num)
     max_len = int(model.text_encoder.config.max_position_embeddings)

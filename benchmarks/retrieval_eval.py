@@ -91,12 +91,13 @@ def build(args):
 def run_once(impl: str, precision: str, model, tokenizer, loader, args):
     import torch
     from evaluation import retrieval as R
+    from tests.retrieval_reference import evaluate_reference  # the original's per-query loop, a test oracle
     device = torch.device('cpu')
     if impl == 'fast':
-        return R.evaluate_fast(model, loader, tokenizer, device, k_test=args.k_test, precision=precision,
-                               itm_batch_size=args.itm_batch_size, progress=False)
-    return R.evaluate_reference(model, loader, tokenizer, device, k_test=args.k_test, precision=precision,
-                                progress=False)
+        return R.score_matrices(model, loader, tokenizer, device, k_test=args.k_test, precision=precision,
+                                itm_batch_size=args.itm_batch_size, progress=False)
+    return evaluate_reference(model, loader, tokenizer, device, k_test=args.k_test, precision=precision,
+                              progress=False)
 
 
 def measure(impl: str, precision: str, model, tokenizer, loader, args) -> tuple[dict, tuple]:

@@ -9,44 +9,32 @@ without a process group the gather is a no-op.
 Pieces, from low to high level:
 
 * `collect_predictions` - this rank's (indices, predictions, targets) for one loader;
-* `merge_shards` - the union of the ranks' results without duplicates, ordered by dataset index;
+* `merge_shards` - the union of the ranks' results without duplicates, ordered by dataset index
+  (evaluation/common.py);
 * `accuracy_metrics` - accuracy, per-class accuracy and the confusion matrix of predictions vs. targets;
 * `evaluate` - the three above, gathered across ranks;
-* `build_eval_loaders`, `EpochEvaluator`, `load_for_evaluation`, `write_json` - what a task script needs to
-  evaluate named splits every epoch (or once, with --evaluate) and to write the readable results file;
+* `build_eval_loaders` (evaluation/common.py), `EpochEvaluator`, `load_for_evaluation` - what a task script
+  needs to evaluate named splits every epoch (or once, with --evaluate) and to write the readable results file;
 * `get_args_parser`, `make_step_fn`, `make_predict_fn`, `run_task` - the whole command line of a classification
   fine-tuning script, which only supplies its batch layout (an `inputs_fn`) and its class names.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Callable, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 import utils
+from evaluation.common import ResultsFile, batch_indices, build_eval_loaders, merge_shards
 
 # predict_fn(model, batch) -> (logits [B, C], targets [B]); it moves the batch to the model's device itself.
 PredictFn = Callable[[torch.nn.Module, object], tuple]
 # inputs_fn(batch, tokenizer, device, max_tokens) -> (images, input_ids, attention_mask, targets) on `device`;
 # the one thing in which NLVR's and VE's batches differ (NLVR stacks its two images into one tensor).
 InputsFn = Callable[[object, object, torch.device, int], tuple]
-
-
-def _batch_indices(loader: DataLoader) -> list[list[int]]:
-    """The dataset indices of every batch the loader will yield, in order.
-
-    The batch sampler is iterated once here and once by the loader, so its order must not depend on a fresh
-    random draw: a shuffling RandomSampler is refused (DistributedSampler is deterministic for a given epoch).
-    """
-    if getattr(loader, 'batch_sampler', None) is None:
-        raise ValueError('evaluation loader must batch with a sampler (batch_size set); got batch_size=None')
-    if isinstance(loader.sampler, RandomSampler):
-        raise ValueError('evaluation loader must not shuffle (its RandomSampler gives another order on every pass)')
-    return [list(map(int, b)) for b in loader.batch_sampler]
 
 
 @torch.no_grad()
@@ -56,7 +44,7 @@ def collect_predictions(model: torch.nn.Module, loader: DataLoader, predict_fn: 
 
     The model is put in eval mode for the pass and restored to its previous mode afterwards.
     """
-    index_batches = _batch_indices(loader)
+    index_batches = batch_indices(loader)
     was_training = model.training
     model.eval()
     out: dict[str, list[int]] = {'index': [], 'pred': [], 'target': []}
@@ -77,19 +65,6 @@ def collect_predictions(model: torch.nn.Module, loader: DataLoader, predict_fn: 
     finally:
         model.train(was_training)
     return out
-
-
-def merge_shards(shards: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, list[int]]:
-    """Union of per-rank results, each dataset index once (the first occurrence), sorted by index.
-
-    DistributedSampler pads the last shards with repeats of the first indices; they are dropped here.
-    """
-    seen: dict[int, tuple[int, int]] = {}
-    for shard in shards:
-        for i, p, t in zip(shard['index'], shard['pred'], shard['target']):
-            seen.setdefault(int(i), (int(p), int(t)))
-    order = sorted(seen)
-    return {'index': order, 'pred': [seen[i][0] for i in order], 'target': [seen[i][1] for i in order]}
 
 
 def accuracy_metrics(preds: Sequence[int], targets: Sequence[int], class_names: Sequence[str]) -> dict:
@@ -116,7 +91,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, predict_fn: PredictFn, 
     """Accuracy metrics of `model` on the whole dataset behind `loader`, gathered across ranks without the
     sampler's padded duplicates (every rank gets the same result). See `accuracy_metrics` for the keys."""
     local = collect_predictions(model, loader, predict_fn, header=header, print_freq=print_freq)
-    merged = merge_shards(utils.all_gather_object(local))
+    merged = merge_shards(utils.all_gather_object(local), ('pred', 'target'))
     expected = len(loader.dataset)
     if len(merged['index']) != expected:
         # A drop_last loader or a sampler that skips items would make the metric silently partial.
@@ -127,24 +102,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, predict_fn: PredictFn, 
 # ----------------------------------------------------------------------------------------------------------------
 # What the task scripts build on
 # ----------------------------------------------------------------------------------------------------------------
-def build_eval_loaders(datasets: Sequence, batch_size: int, num_workers: int) -> list[DataLoader]:
-    """In-order evaluation loaders, sharded across ranks when torch.distributed runs (padding is undone by
-    `merge_shards`), plain sequential loaders otherwise."""
-    from dataset import create_loader, create_sampler
-    n = len(datasets)
-    if utils.is_dist_avail_and_initialized():
-        samplers = create_sampler(datasets, [False] * n, utils.get_world_size(), utils.get_rank())
-    else:
-        samplers = [None] * n
-    return create_loader(datasets, samplers, [batch_size] * n, [num_workers] * n, [False] * n, [None] * n)
-
-
-def write_json(path: str, obj) -> None:
-    """Write a readable (indented) JSON file atomically, on the main process only."""
-    if utils.is_main_process():
-        utils.atomic_write_text(path, json.dumps(obj, indent=2) + '\n')
-
-
 class EpochEvaluator:
     """evaluate_fn for engine.fit: evaluates named splits and returns the log record of an epoch.
 
@@ -157,10 +114,8 @@ class EpochEvaluator:
                  class_names: Sequence[str], results_path: str, *, resume: bool = False, print_freq: int = 50):
         self.model, self.loaders, self.predict_fn = model, dict(loaders), predict_fn
         self.class_names, self.results_path, self.print_freq = list(class_names), results_path, print_freq
-        self.results: dict = {'class_names': self.class_names, 'epochs': {}}
-        if resume and os.path.isfile(results_path):  # keep the epochs evaluated before the interruption
-            with open(results_path, encoding='utf-8') as f:
-                self.results['epochs'] = json.load(f).get('epochs', {})
+        self.file = ResultsFile(results_path, {'class_names': self.class_names}, resume=resume)
+        self.results = self.file.data
 
     def run(self, label: str) -> dict[str, dict]:
         """Metrics of every split, stored under `label` in the results file; returns {split: metrics}."""
@@ -171,8 +126,7 @@ class EpochEvaluator:
             print(f'{split}: acc {m["acc"]:.4f} on {m["n"]} items; per class '
                   + ', '.join(f'{k} {"-" if v is None else f"{v:.4f}"}' for k, v in m['per_class_acc'].items()),
                   flush=True)
-        self.results['epochs'][label] = metrics
-        write_json(self.results_path, self.results)
+        self.file.add(label, metrics)
         return metrics
 
     @staticmethod
@@ -189,10 +143,7 @@ class EpochEvaluator:
 
     def finish(self, best_epoch: int | None) -> None:
         """Add the best epoch (by validation accuracy, chosen by engine.fit) and its metrics to the results file."""
-        if best_epoch is not None and str(best_epoch) in self.results['epochs']:
-            self.results['best_epoch'] = best_epoch
-            self.results['best'] = self.results['epochs'][str(best_epoch)]
-        write_json(self.results_path, self.results)
+        self.file.finish(best_epoch)
 
 
 def load_for_evaluation(task: str, config: Mapping, tokenizer, args, device: torch.device) -> torch.nn.Module:

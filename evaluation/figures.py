@@ -1,6 +1,8 @@
-"""Pictures of Grad-CAM results (OpenCV / numpy): the per-word grid of one image and the contact sheet of a search.
+"""Pictures of Grad-CAM results (OpenCV / numpy): a map over its image, the per-word grid of one image and the
+contact sheet of a search.
 
-Both are RGB uint8 arrays; `write_png` writes one, refusing anything but a .png path.
+All are RGB uint8 arrays; `write_png` writes one, refusing anything but a .png path. The maps themselves come
+from models/gradcam.py.
 """
 from __future__ import annotations
 
@@ -10,11 +12,42 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluation.gradcam import overlay
 from utils import UserError
 
 TITLE_H = 26  # pixels of the title band above each tile
 PAD = 6       # pixels between tiles
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A map over its image
+# ----------------------------------------------------------------------------------------------------------------
+def _minmax(a: np.ndarray) -> np.ndarray:
+    a = a - a.min()
+    top = a.max()
+    return a / top if top > 0 else a
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, blur: bool = True) -> np.ndarray:
+    """Jet-coloured heat map blended over an RGB uint8 image [H, W, 3].
+
+    The map (any grid, e.g. [gh, gw]) is min-max normalised, resized bicubically to the image, optionally blurred
+    with a Gaussian of sigma 0.02 * max(H, W), normalised again, coloured with the jet colour map and blended with
+    weight a**0.7 per pixel (a = normalised map value). Returns RGB uint8 [H, W, 3].
+    """
+    import cv2
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f'overlay: image must be [H, W, 3], got shape {img.shape}')
+    h, w = img.shape[:2]
+    a = _minmax(np.asarray(heatmap, dtype=np.float32))
+    a = cv2.resize(a, (w, h), interpolation=cv2.INTER_CUBIC)
+    if blur:
+        a = cv2.GaussianBlur(a, (0, 0), sigmaX=0.02 * max(h, w))
+    a = _minmax(np.clip(a, 0, None))  # bicubic overshoot below 0 carries no meaning
+    colour = cv2.applyColorMap(np.round(a * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]  # BGR -> RGB
+    weight = (a ** 0.7)[:, :, None]
+    out = (1.0 - weight) * img.astype(np.float32) + weight * colour.astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def grid_shape(n_tiles: int, image_hw: tuple[int, int], tile_size: int = 256, cols: int = 4) -> tuple[int, int]:

@@ -17,11 +17,10 @@ Pieces, from low to high level:
 Differences from the original: work is split across ranks and gathered without the DistributedSampler's padded
 duplicates (the original counted them, spec 15.13); the merged maps are saved once by rank 0 instead of one file per
 rank; the map grid follows image_res / patch_size instead of a hard-coded 24 x 24; the sentence map averages over
-real tokens (see evaluation/gradcam.py); proposals outside the image are clipped.
+real tokens (see models/gradcam.py); proposals outside the image are clipped.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -32,7 +31,8 @@ import torch
 
 import utils
 from dataset.utils import DataError, computeIoU, grounding_eval, read_json_file
-from evaluation import gradcam
+from evaluation.common import ResultsFile, batch_indices, build_eval_loaders, merge_shards
+from models import gradcam
 
 SPLITS = ('val', 'testA', 'testB')
 
@@ -151,12 +151,6 @@ def proposal_statistics(ref_ids: Sequence[int], refer, dets: Mapping) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Maps
 # ----------------------------------------------------------------------------------------------------------------
-def build_eval_loader(dataset, batch_size: int, num_workers: int):
-    """In-order loader over `dataset`, sharded across ranks when torch.distributed runs (padding undone later)."""
-    from evaluation.classification import build_eval_loaders
-    return build_eval_loaders([dataset], batch_size, num_workers)[0]
-
-
 def compute_maps(model, loader, tokenizer, device: torch.device, mode: str, block_num: int | None,
                  sentence_average: str = 'real', print_freq: int = 50, header: str = 'Grounding') -> dict:
     """Grad-CAM sentence maps of every item of `loader.dataset` (items (image, text, ref_id)), from all ranks.
@@ -164,7 +158,7 @@ def compute_maps(model, loader, tokenizer, device: torch.device, mode: str, bloc
     Returns {'index': [N] dataset indices in order, 'ref_id': [N], 'pred': float32 array [N, gh, gw]}; each index
     appears exactly once (the sampler's padded repeats are dropped), on every rank.
     """
-    index_batches = [list(map(int, b)) for b in loader.batch_sampler]  # the deterministic order the loader uses
+    index_batches = batch_indices(loader)
     max_len = int(model.text_encoder.config.max_position_embeddings)
     local = {'index': [], 'ref_id': [], 'pred': []}
     logger = utils.MetricLogger(window_size=50)
@@ -187,16 +181,13 @@ def merge_map_shards(shards: Sequence[Mapping], expected: int, header: str = 'Gr
     """Union of the ranks' {'index', 'ref_id', 'pred'} results: each dataset index once (DistributedSampler pads
     shards with repeats of the first indices; they are dropped), sorted by index. Raises RuntimeError unless the
     union is exactly indices 0 .. expected - 1."""
-    seen: dict[int, tuple[int, np.ndarray]] = {}
-    for shard in shards:
-        for i, r, p in zip(shard['index'], shard['ref_id'], shard['pred']):
-            seen.setdefault(int(i), (int(r), np.asarray(p, dtype=np.float32)))
-    order = sorted(seen)
+    merged = merge_shards(shards, ('ref_id', 'pred'))
+    order = merged['index']
     if order != list(range(expected)):
         raise RuntimeError(f'{header}: maps cover {len(order)} distinct items, expected indices 0..{expected - 1}')
-    preds = (np.stack([seen[i][1] for i in order]) if order
+    preds = (np.stack(merged['pred']).astype(np.float32, copy=False) if order
              else np.zeros((0,) + tuple(np.shape(shards[0]['pred'])[1:]), np.float32))
-    return {'index': order, 'ref_id': [seen[i][0] for i in order], 'pred': preds}
+    return {'index': order, 'ref_id': [int(r) for r in merged['ref_id']], 'pred': preds}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,13 +213,12 @@ class GroundingEvaluator:
         where = dataset.ann.where if hasattr(dataset.ann, 'where') else None
         self.dets = prepare_proposals(ref_ids, refer, dets, det_file, where)
         self.stats = proposal_statistics(ref_ids, refer, self.dets)
-        self.loader = build_eval_loader(dataset, batch_size, num_workers)
+        self.loader = build_eval_loaders([dataset], batch_size, num_workers)[0]
         self.results_path = os.path.join(output_dir, 'grounding_results.json') if output_dir else None
-        self.results: dict = {'gradcam_mode': mode, 'block_num': self.block_num,
-                              'sentence_average': sentence_average, 'proposals': self.stats, 'epochs': {}}
-        if resume and self.results_path and os.path.isfile(self.results_path):
-            with open(self.results_path, encoding='utf-8') as f:
-                self.results['epochs'] = json.load(f).get('epochs', {})
+        self.file = ResultsFile(self.results_path, {'gradcam_mode': mode, 'block_num': self.block_num,
+                                                    'sentence_average': sentence_average, 'proposals': self.stats},
+                                resume=resume)
+        self.results = self.file.data
 
     def run(self, label: str) -> dict:
         """Evaluate once; store the metrics under `label` and return them (same on every rank)."""
@@ -245,8 +235,7 @@ class GroundingEvaluator:
                                    'pred': torch.from_numpy(maps['pred'])},
                                   os.path.join(self.output_dir, 'result', f'epoch{label}.pth'))
         metrics = utils.all_gather_object(metrics)[0]  # every rank must agree on "best improved" (barriers follow)
-        self.results['epochs'][label] = metrics
-        self._write()
+        self.file.add(label, metrics)
         return metrics
 
     def __call__(self, epoch: int) -> dict:
@@ -255,13 +244,4 @@ class GroundingEvaluator:
 
     def finish(self, best_epoch: int | None) -> None:
         """Record the best epoch (by val_d, chosen by engine.fit) and its metrics in the results file."""
-        if best_epoch is not None and str(best_epoch) in self.results['epochs']:
-            self.results['best_epoch'] = best_epoch
-            self.results['best'] = self.results['epochs'][str(best_epoch)]
-        self._write()
-
-    def _write(self) -> None:
-        if self.results_path and utils.is_main_process():
-            # NaN (a split without expressions) is not JSON; write null instead.
-            clean = json.loads(json.dumps(self.results), parse_constant=lambda c: None)
-            utils.atomic_write_text(self.results_path, json.dumps(clean, indent=2) + '\n')
+        self.file.finish(best_epoch)

@@ -38,6 +38,7 @@ import torch
 
 import utils
 from dataset.utils import DataError, pre_question
+from evaluation.common import batch_indices, merge_shards, write_json
 
 
 class KTestWarning(UserWarning):
@@ -139,9 +140,8 @@ def predict_answers(model, loader, tokenizer, device, answer_list: Sequence[str]
     the original does not truncate test questions). Each question's answer is the candidate with the largest
     re-ranked probability. Returns {'index': dataset indices, 'question_id', 'answer'}.
     """
-    from engine import autocast
-    from evaluation.classification import _batch_indices
-    index_batches = _batch_indices(loader)
+    from engine import autocast  # engine pulls in the optimizer package; utils.autocast once utils is a package
+    index_batches = batch_indices(loader)
     k = clamp_k(k, cand_ids.size(0))
     was_training = model.training
     model.eval()
@@ -167,15 +167,11 @@ def predict_answers(model, loader, tokenizer, device, answer_list: Sequence[str]
 def merge_results(shards: Sequence[Mapping[str, Sequence]]) -> list[dict]:
     """[{"question_id", "answer"}] with every question once (its first occurrence), in dataset order.
 
-    DistributedSampler pads the last shards with repeats of the first items; those repeats are dropped here.
+    DistributedSampler pads the last shards with repeats of the first items; those repeats are dropped here
+    (`merge_shards`; question ids are unique per test file, `check_question_ids`).
     """
-    seen: dict = {}
-    for shard in shards:
-        for index, qid, answer in zip(shard['index'], shard['question_id'], shard['answer']):
-            if qid not in seen:
-                seen[qid] = (int(index), answer)
-    return [{'question_id': qid, 'answer': answer}
-            for qid, (_, answer) in sorted(seen.items(), key=lambda kv: kv[1][0])]
+    merged = merge_shards(shards, ('question_id', 'answer'))
+    return [{'question_id': qid, 'answer': answer} for qid, answer in zip(merged['question_id'], merged['answer'])]
 
 
 def save_result(result: Sequence[Mapping], result_dir: str, name: str) -> str:
@@ -371,9 +367,7 @@ class VQAEvaluator:
         record.update({'test_acc': metrics['overall'], 'test_acc_per_answer_type': metrics['perAnswerType'],
                        'baseline_most_frequent': metrics['baselines']['most_frequent']['overall'],
                        'baseline_question_prior': metrics['baselines']['question_prior']['overall']})
-        if utils.is_main_process():
-            utils.atomic_write_text(os.path.join(self.output_dir, 'vqa_accuracy.json'),
-                                    json.dumps({**metrics, 'result_file': path}, indent=2) + '\n')
+        write_json(os.path.join(self.output_dir, 'vqa_accuracy.json'), {**metrics, 'result_file': path})
         return record
 
     def score(self, result: Sequence[Mapping]) -> dict:

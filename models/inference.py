@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import gradcam
 from utils import ConfigError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,7 +349,6 @@ class InferenceModel:
 
     def gradcam_batch(self, images, text: str, block_num: int | None = None, batch_size: int = 8) -> list[GradCam]:
         """`gradcam` for several images and one text; one GradCam per image, in order."""
-        from evaluation import gradcam  # the Grad-CAM maths shared with Grounding.py
         self._require('gradcam')
         block_num = gradcam.check_block_num(self.model, 'itm', block_num)
         normalised = self.normalise_text(text)

@@ -1,4 +1,4 @@
-"""Grounding: Grad-CAM maps (evaluation/gradcam.py), proposal handling and the evaluator (evaluation/grounding.py),
+"""Grounding: Grad-CAM maps (models/gradcam.py), proposal handling and the evaluator (evaluation/grounding.py),
 Grounding.py end to end, and (slow) learning on the toy world: toy pretrain -> grounding fine-tune -> accuracy per
 split well above chance."""
 import json
@@ -13,10 +13,10 @@ from torch.utils.data import DistributedSampler
 
 import utils
 from dataset.utils import DataError
-from evaluation import gradcam
+from evaluation import figures
 from evaluation.grounding import (clip_box, load_dets, merge_map_shards, prepare_proposals,
                                   proposal_statistics)
-from models import create_model
+from models import create_model, gradcam
 
 from tests.test_parity_models import tiny_model_config
 from tests.toy import make_toy_config
@@ -192,9 +192,9 @@ def test_overlay_shape_and_range():
     img = np.full((30, 50, 3), 128, np.uint8)
     hm = np.zeros((4, 4), np.float32)
     hm[1, 2] = 1
-    out = gradcam.overlay(img, hm)
+    out = figures.overlay(img, hm)
     assert out.shape == (30, 50, 3) and out.dtype == np.uint8
-    assert np.array_equal(gradcam.overlay(img, np.zeros((4, 4))), img)  # a flat map leaves the image as is
+    assert np.array_equal(figures.overlay(img, np.zeros((4, 4))), img)  # a flat map leaves the image as is
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import VE
 import utils
 from dataset import DataError, create_dataset
 from evaluation import classification
+from evaluation.common import merge_shards
 from tests.toy import MINI_WORLD_SIZES, TINY_SCHED as SCHED, generate_world, make_toy_config, mini_config
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ def test_evaluator_drops_distributed_padding(monkeypatch):
     for ld in loaders:
         m = classification.evaluate(ModFake(), ld, predict_fn, NAMES, print_freq=100)
         assert m['acc'] == pytest.approx(0.6) and m['n'] == 10
-    merged = classification.merge_shards(shards)
+    merged = merge_shards(shards, ('pred', 'target'))
     assert merged['index'] == list(range(10)) and merged['target'] == LABELS
 
 

@@ -13,7 +13,7 @@ import engine
 import models
 import utils
 import Predict
-from evaluation import gradcam
+from models import gradcam
 from tests.toy import generate_world, make_toy_config
 
 

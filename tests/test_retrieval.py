@@ -1,5 +1,6 @@
-"""Retrieval.py and evaluation/retrieval.py: datasets, training forward, fast == per-query reference evaluation
-(also split over two simulated ranks), R@K on hand-made score matrices, CLI outputs and errors, toy learning."""
+"""Retrieval.py and evaluation/retrieval.py: datasets, training forward, re-ranking == the original's per-query
+loop (tests/retrieval_reference.py; also split over two simulated ranks), R@K on hand-made score matrices, CLI
+outputs and errors, toy learning."""
 import json
 import os
 import warnings
@@ -11,6 +12,8 @@ import torch
 import models
 import utils
 from evaluation import retrieval as R
+from evaluation.retrieval_metrics import _gt_ranks
+from tests import retrieval_reference as ref_impl
 
 TINY_BERT = dict(vocab_size=200, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64, fusion_layer=2, hidden_act='gelu', layer_norm_eps=1e-12,
@@ -167,7 +170,7 @@ def test_fast_equals_reference(score, fusion_layer):
     torch.manual_seed(0)
     model = models.create_model('retrieval', cfg).eval()
     feats = random_features(model)
-    ref = R.rerank_reference(model, feats, 5, score=score, progress=False)
+    ref = ref_impl.rerank_reference(model, feats, 5, score=score, progress=False)
     for batch in (7, 10_000):
         fast = R.rerank_fast(model, feats, 5, score=score, itm_batch_size=batch, progress=False)
         assert_same_scores(fast, ref)
@@ -193,16 +196,16 @@ def test_two_rank_split_simulated():
     merged = [parts[0][k] + parts[1][k] - torch.where(single[k] == R.NO_SCORE, R.NO_SCORE, 0.0) for k in range(2)]
     assert_same_scores(merged, single)
     # The reference splits rows as the original (blocks of n // W + 1); merging the owned rows gives the same.
-    ref_parts = [R.rerank_reference(model, feats, 6, rank=r, world=2, reduce=False, progress=False) for r in range(2)]
+    ref_parts = [ref_impl.rerank_reference(model, feats, 6, rank=r, world=2, reduce=False, progress=False) for r in range(2)]
     merged = []
     for k, n in ((0, 9), (1, 31)):
         m = torch.full_like(single[k], R.NO_SCORE)
         for r in range(2):
-            a, b = R.reference_rows(n, r, 2)
+            a, b = ref_impl.reference_rows(n, r, 2)
             m[a:b] = ref_parts[r][k][a:b]
         merged.append(m)
     assert_same_scores(merged, single)
-    assert R.reference_rows(9, 0, 2) == (0, 5) and R.reference_rows(9, 1, 2) == (5, 9)
+    assert ref_impl.reference_rows(9, 0, 2) == (0, 5) and ref_impl.reference_rows(9, 1, 2) == (5, 9)
 
 
 def test_k_test_larger_than_candidates_is_clamped_with_a_warning():
@@ -217,7 +220,7 @@ def test_k_test_larger_than_candidates_is_clamped_with_a_warning():
     assert not (fast[0] == R.NO_SCORE).any() and not (fast[1] == R.NO_SCORE).any()  # everything re-ranked
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        ref = R.rerank_reference(model, feats, 50, progress=False)
+        ref = ref_impl.rerank_reference(model, feats, 50, progress=False)
     assert_same_scores(fast, ref)
 
 
@@ -248,7 +251,7 @@ def test_itm_eval_on_hand_made_scores():
     assert m['r_mean'] == pytest.approx((m['txt_r_mean'] + m['img_r_mean']) / 2)
     # Ties (the -100 fill) are broken like the original's reversed np.argsort.
     tied = np.full((3, 6), -100.0, dtype=np.float32)
-    ranks = R._gt_ranks(tied, [img2txt[i] for i in range(3)])
+    ranks = _gt_ranks(tied, [img2txt[i] for i in range(3)])
     expected = [min(list(np.argsort(row)[::-1]).index(t) for t in img2txt[i]) for i, row in enumerate(tied)]
     assert ranks.tolist() == expected
 
@@ -259,12 +262,12 @@ def test_evaluate_end_to_end_fast_equals_reference(world, tokenizer):
     loader = create_loader([val], [None], [3], [0], [False], [None])[0]
     model = tiny_model()
     dev = torch.device('cpu')
-    fast = R.evaluate_fast(model, loader, tokenizer, dev, k_test=4, itm_batch_size=16, progress=False)
-    ref = R.evaluate_reference(model, loader, tokenizer, dev, k_test=4, progress=False)
+    fast = R.score_matrices(model, loader, tokenizer, dev, k_test=4, itm_batch_size=16, progress=False)
+    ref = ref_impl.evaluate_reference(model, loader, tokenizer, dev, k_test=4, progress=False)
     assert fast[0].shape == (8, 40) and fast[1].shape == (40, 8)
     assert_same_scores(fast, ref)
     assert R.itm_eval(*fast, val.txt2img, val.img2txt) == R.itm_eval(*ref, val.txt2img, val.img2txt)
-    bf16 = R.evaluate_fast(model, loader, tokenizer, dev, k_test=4, precision='bf16', progress=False)
+    bf16 = R.score_matrices(model, loader, tokenizer, dev, k_test=4, precision='bf16', progress=False)
     both = (bf16[0] != R.NO_SCORE) & (ref[0] != R.NO_SCORE)  # bf16 similarities may pick other candidates
     assert both.any() and np.abs(bf16[0] - ref[0])[both].max() < 0.1
 

@@ -1,5 +1,5 @@
-"""Grad-CAM maps of an ALBEF retrieval/grounding model (spec 10.8, 14): one implementation for Grounding.py and
-Predict.py.
+"""Grad-CAM maps of an ALBEF retrieval/grounding model: one implementation for Grounding.py, Predict.py and
+models/inference.py (the pictures drawn from the maps are in evaluation/figures.py).
 
 Two modes, as the original's Grounding.py:
 
@@ -290,35 +290,3 @@ def merge_word_pieces(tokens: Sequence[str], token_maps: np.ndarray,
     if not groups:
         return [], np.zeros((0,) + maps.shape[1:], dtype=np.float32)
     return words, np.stack([maps[g].mean(axis=0) for g in groups])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Drawing (OpenCV / numpy only)
-# ----------------------------------------------------------------------------------------------------------------
-def _minmax(a: np.ndarray) -> np.ndarray:
-    a = a - a.min()
-    top = a.max()
-    return a / top if top > 0 else a
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, blur: bool = True) -> np.ndarray:
-    """Jet-coloured heat map blended over an RGB uint8 image [H, W, 3] (the original's getAttMap, spec 14).
-
-    The map (any grid, e.g. [gh, gw]) is min-max normalised, resized bicubically to the image, optionally blurred
-    with a Gaussian of sigma 0.02 * max(H, W), normalised again, coloured with the jet colour map and blended with
-    weight a**0.7 per pixel (a = normalised map value). Returns RGB uint8 [H, W, 3].
-    """
-    import cv2
-    img = np.asarray(image)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f'overlay: image must be [H, W, 3], got shape {img.shape}')
-    h, w = img.shape[:2]
-    a = _minmax(np.asarray(heatmap, dtype=np.float32))
-    a = cv2.resize(a, (w, h), interpolation=cv2.INTER_CUBIC)
-    if blur:
-        a = cv2.GaussianBlur(a, (0, 0), sigmaX=0.02 * max(h, w))
-    a = _minmax(np.clip(a, 0, None))  # bicubic overshoot below 0 carries no meaning
-    colour = cv2.applyColorMap(np.round(a * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]  # BGR -> RGB
-    weight = (a ** 0.7)[:, :, None]
-    out = (1.0 - weight) * img.astype(np.float32) + weight * colour.astype(np.float32)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
