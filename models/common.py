@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import losses
+from models.config_checks import grad_checkpointing_targets
 from models.momentum import MomentumMixin
 from models.vit import build_vit
 from models.xbert import build_bert_config, set_gradient_checkpointing
@@ -38,19 +39,6 @@ def require_tokenizer(tokenizer, who):
     if tokenizer is None:
         raise ConfigError(f'{who}: a tokenizer is required (MLM masking reads its special ids)')
     return tokenizer
-
-
-def grad_checkpointing_targets(config):
-    """Parse config['grad_checkpointing'] (bool or list from ['vision', 'text']) -> set of parts."""
-    value = config.get('grad_checkpointing', False)
-    if isinstance(value, bool):
-        return {'vision', 'text'} if value else set()
-    if isinstance(value, (list, tuple)):
-        bad = [v for v in value if v not in ('vision', 'text')]
-        if bad:
-            raise ConfigError(f"config grad_checkpointing: unknown part {bad[0]!r} (allowed: 'vision', 'text')")
-        return set(value)
-    raise ConfigError(f'config grad_checkpointing: expected bool or list, got {value!r}')
 
 
 def apply_grad_checkpointing(config, visual_encoder, *text_modules):
