@@ -48,8 +48,8 @@ def create_dataset(name: str, config: Mapping):
     'vqa', 'grounding' -> (train, test).
     Config keys: train_file / val_file / test_file (a path or a list of paths), image_root, vqa_root, vg_root,
     answer_list, image_res; optional augment (see dataset.transforms.build_transform), max_words (default 30), eos
-    (VQA, default '[SEP]'), image_root for pretrain (default '': paths used as given), skip_bad_images (training sets only; default False) and
-    allow_absolute_paths (default False, True for pretraining).
+    (VQA, default '[SEP]'), image_root for pretrain (default '': paths used as given), skip_bad_images (training
+    sets only; default False) and allow_absolute_paths (default False, True for pretraining).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f'unknown dataset {name!r}; expected one of {", ".join(DATASET_NAMES)}')

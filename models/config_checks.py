@@ -19,8 +19,9 @@ from utils.schema import NUM, SHARE, Spec, size_spec
 # (architectures, model_type, ...) pass through to transformers' BertConfig.
 BERT_SCHEMA: dict[str, Spec] = {
     'hidden_size': size_spec(16384), 'num_attention_heads': size_spec(1024), 'num_hidden_layers': size_spec(256),
-    'intermediate_size': size_spec(65536), 'vocab_size': size_spec(1 << 21), 'max_position_embeddings': size_spec(65536),
-    'type_vocab_size': size_spec(1024), 'encoder_width': size_spec(16384), 'fusion_layer': Spec((int,), 0),
+    'intermediate_size': size_spec(65536), 'vocab_size': size_spec(1 << 21),
+    'max_position_embeddings': size_spec(65536), 'type_vocab_size': size_spec(1024),
+    'encoder_width': size_spec(16384), 'fusion_layer': Spec((int,), 0),
     'hidden_dropout_prob': SHARE, 'attention_probs_dropout_prob': SHARE,
     'layer_norm_eps': Spec(NUM, 0, lo_open=True), 'initializer_range': Spec(NUM, 0),
 }
