@@ -16,6 +16,11 @@ import sys
 
 import torch
 
+# Imported for the config checks they declare (utils.config), which prepare_run applies to the config:
+import dataset  # noqa: F401
+import models  # noqa: F401
+import optim  # noqa: F401
+import scheduler  # noqa: F401
 import utils
 from evaluation import classification
 

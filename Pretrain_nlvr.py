@@ -12,6 +12,10 @@ import argparse
 import sys
 
 import engine
+# Imported for the config checks they declare (utils.config), which prepare_run applies to the config:
+import models  # noqa: F401
+import optim  # noqa: F401
+import scheduler  # noqa: F401
 import utils
 from Pretrain import make_step_fn as caption_step_fn
 from dataset import create_dataset

@@ -18,6 +18,10 @@ import os
 import sys
 
 import engine
+# Imported for the config checks they declare (utils.config), which prepare_run applies to the config:
+import models  # noqa: F401
+import optim  # noqa: F401
+import scheduler  # noqa: F401
 import utils
 from dataset import DataError, create_dataset, create_loader
 from dataset.resumable import build_train_loader

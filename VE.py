@@ -13,6 +13,10 @@ final "best epoch" line always read 0; here the epoch of checkpoint_best.pth is 
 import functools
 import sys
 
+# Imported for the config checks they declare (utils.config), which prepare_run applies to the config:
+import models  # noqa: F401
+import optim  # noqa: F401
+import scheduler  # noqa: F401
 import utils
 from dataset.ve_dataset import LABELS
 from evaluation import classification

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from dataset.grounding_dataset import grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset
-from dataset.transforms import MEAN, STD, build_transform, side_mirror
+from dataset.transforms import MEAN, STD, build_transform
 from dataset.utils import DataError, pre_caption, pre_question
 from dataset.ve_dataset import ve_dataset
 from dataset.vqa_dataset import vqa_dataset
@@ -47,21 +47,15 @@ def create_dataset(name: str, config: Mapping):
     Returns: 'pretrain' / 'nlvr_pretrain' -> one dataset; 're', 'nlvr', 've' -> (train, val, test);
     'vqa', 'grounding' -> (train, test).
     Config keys: train_file / val_file / test_file (a path or a list of paths), image_root, vqa_root, vg_root,
-    answer_list, image_res; optional augment (see dataset.transforms.build_transform; `hflip: swap_sides` gives the
-    training sets a MirrorSwappingSides), max_words (default 30), eos (VQA, default '[SEP]'), image_root for pretrain
-    (default '': paths used as given), skip_bad_images (training sets only; default False) and
-    allow_absolute_paths (default False, True for pretraining).
+    answer_list, image_res; optional augment (see dataset.transforms.build_transform), max_words (default 30), eos
+    (VQA, default '[SEP]'), image_root for pretrain (default '': paths used as given), skip_bad_images (training
+    sets only; default False) and allow_absolute_paths (default False, True for pretraining).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f'unknown dataset {name!r}; expected one of {", ".join(DATASET_NAMES)}')
     res = _require(config, 'image_res', name)
     max_words = config.get('max_words', 30)
     augment = config.get('augment')
-    mirror = side_mirror(augment)  # training sets only
-    if mirror is not None and name == 'nlvr':
-        from utils import ConfigError
-        raise ConfigError("augment.hflip 'swap_sides' does not fit NLVR2: its sentences say 'left' and 'right' of "
-                          "the image pair, which a flip of each image does not swap")
     skip = bool(config.get('skip_bad_images', False))
     allow_abs = bool(config.get('allow_absolute_paths', False))
     req = lambda key: _require(config, key, name)  # noqa: E731
@@ -70,14 +64,14 @@ def create_dataset(name: str, config: Mapping):
         return pretrain_dataset(req('train_file'), build_transform('pretrain', res, augment), max_words,
                                 image_root=config.get('image_root', '') or '',
                                 allow_absolute_paths=bool(config.get('allow_absolute_paths', True)),
-                                skip_bad_images=skip, mirror=mirror)
+                                skip_bad_images=skip)
 
     train_tf = build_transform('train', res, augment)
     test_tf = build_transform('test', res)
     opts = dict(allow_absolute_paths=allow_abs)
     if name == 're':
         root = req('image_root')
-        return (re_train_dataset(req('train_file'), train_tf, root, max_words, skip_bad_images=skip, mirror=mirror,
+        return (re_train_dataset(req('train_file'), train_tf, root, max_words, skip_bad_images=skip,
                                  **opts),
                 re_eval_dataset(req('val_file'), test_tf, root, max_words, **opts),
                 re_eval_dataset(req('test_file'), test_tf, root, max_words, **opts))
@@ -85,7 +79,7 @@ def create_dataset(name: str, config: Mapping):
         vqa_root, vg_root = req('vqa_root'), config.get('vg_root')
         eos = config.get('eos', '[SEP]')
         train = vqa_dataset(req('train_file'), train_tf, vqa_root, vg_root, eos=eos, split='train',
-                            max_ques_words=max_words, skip_bad_images=skip, mirror=mirror, **opts)
+                            max_ques_words=max_words, skip_bad_images=skip, **opts)
         test = vqa_dataset(req('test_file'), test_tf, vqa_root, vg_root, eos=eos, split='test',
                            answer_list=req('answer_list'), **opts)
         return train, test
@@ -96,13 +90,13 @@ def create_dataset(name: str, config: Mapping):
                 nlvr_dataset(req('test_file'), test_tf, root, max_words=max_words, **opts))
     if name == 've':
         root = req('image_root')
-        return (ve_dataset(req('train_file'), train_tf, root, max_words, skip_bad_images=skip, mirror=mirror, **opts),
+        return (ve_dataset(req('train_file'), train_tf, root, max_words, skip_bad_images=skip, **opts),
                 ve_dataset(req('val_file'), test_tf, root, max_words, **opts),
                 ve_dataset(req('test_file'), test_tf, root, max_words, **opts))
     # grounding
     root = req('image_root')
     return (grounding_dataset(req('train_file'), build_transform('grounding_train', res, augment), root, max_words,
-                              mode='train', skip_bad_images=skip, mirror=mirror, **opts),
+                              mode='train', skip_bad_images=skip, **opts),
             grounding_dataset(req('test_file'), test_tf, root, max_words, mode='test', **opts))
 
 

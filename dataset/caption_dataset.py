@@ -32,7 +32,7 @@ class pretrain_dataset(ImageDatasetBase, Dataset):
     """
 
     def __init__(self, ann_file, transform, max_words: int = 30, *, image_root: str = '',
-                 allow_absolute_paths: bool = True, skip_bad_images: bool = False, mirror=None):
+                 allow_absolute_paths: bool = True, skip_bad_images: bool = False):
         def check(item, where):
             if isinstance(item['caption'], list) and not item['caption']:
                 raise DataError(f'{where}: key \'caption\' is an empty list')
@@ -44,7 +44,7 @@ class pretrain_dataset(ImageDatasetBase, Dataset):
         self.max_words = max_words
         self.image_root = image_root
         self.allow_absolute_paths = allow_absolute_paths
-        self._init_image_loading(skip_bad_images, mirror)
+        self._init_image_loading(skip_bad_images)
 
     def _load(self, index):
         ann = self.ann[index]
@@ -52,7 +52,7 @@ class pretrain_dataset(ImageDatasetBase, Dataset):
         if isinstance(caption, list):
             caption = random.choice(caption)
         path = resolve_image_path(self.image_root, ann['image'], self.allow_absolute_paths, self.ann.where(index))
-        image, (caption,) = self._image_and_texts(path, index, (caption,))
+        image = self.transform(self._open(path, index))
         return image, pre_caption(caption, self.max_words)
 
 
@@ -64,7 +64,7 @@ class re_train_dataset(ImageDatasetBase, Dataset):
     """
 
     def __init__(self, ann_file, transform, image_root, max_words: int = 30, *,
-                 allow_absolute_paths: bool = False, skip_bad_images: bool = False, mirror=None):
+                 allow_absolute_paths: bool = False, skip_bad_images: bool = False):
         self.ann = load_annotations(ann_file, {'image': str, 'caption': str, 'image_id': (str, int)},
                                     check=_path_checker(image_root, allow_absolute_paths))
         self.transform = transform
@@ -74,13 +74,13 @@ class re_train_dataset(ImageDatasetBase, Dataset):
         self.img_ids: dict = {}
         for ann in self.ann:
             self.img_ids.setdefault(ann['image_id'], len(self.img_ids))
-        self._init_image_loading(skip_bad_images, mirror)
+        self._init_image_loading(skip_bad_images)
 
     def _load(self, index):
         ann = self.ann[index]
         path = resolve_image_path(self.image_root, ann['image'], self.allow_absolute_paths, self.ann.where(index))
-        image, (caption,) = self._image_and_texts(path, index, (ann['caption'],))
-        return image, pre_caption(caption, self.max_words), self.img_ids[ann['image_id']]
+        image = self.transform(self._open(path, index))
+        return image, pre_caption(ann['caption'], self.max_words), self.img_ids[ann['image_id']]
 
 
 class re_eval_dataset(ImageDatasetBase, Dataset):

@@ -15,7 +15,7 @@ class grounding_dataset(ImageDatasetBase, Dataset):
     """
 
     def __init__(self, ann_file, transform, image_root, max_words: int = 30, mode: str = 'train', *,
-                 allow_absolute_paths: bool = False, skip_bad_images: bool = False, mirror=None):
+                 allow_absolute_paths: bool = False, skip_bad_images: bool = False):
         if mode not in ('train', 'test'):
             raise DataError(f"grounding_dataset: mode must be 'train' or 'test', got {mode!r}")
 
@@ -36,13 +36,13 @@ class grounding_dataset(ImageDatasetBase, Dataset):
         if mode == 'train':
             for ann in self.ann:
                 self.img_ids.setdefault(ann['image'].split('/')[-1], len(self.img_ids))
-        self._init_image_loading(skip_bad_images, mirror)
+        self._init_image_loading(skip_bad_images)
 
     def _load(self, index):
         ann = self.ann[index]
         path = resolve_image_path(self.image_root, ann['image'], self.allow_absolute_paths, self.ann.where(index))
-        image, (text,) = self._image_and_texts(path, index, (ann['text'],))
-        caption = pre_caption(text, self.max_words)
+        image = self.transform(self._open(path, index))
+        caption = pre_caption(ann['text'], self.max_words)
         if self.mode == 'train':
             return image, caption, self.img_ids[ann['image'].split('/')[-1]]
         return image, caption, ann['ref_id']

@@ -1,15 +1,15 @@
 """Image transforms of spec 4.4 (CLIP normalisation, bicubic resizing, RandomAugment on training images)."""
 from __future__ import annotations
 
-import random
-import re
-from typing import Sequence
+from typing import Mapping
 
-from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from dataset.randaugment import DEFAULT_AUGS, RandomAugment
+from dataset.randaugment import DEFAULT_AUGS, OPS, RandomAugment
+from utils.config import register_block
+from utils.errors import ConfigError
+from utils.schema import ANY, Spec, suggest
 
 # CLIP statistics, used by every ALBEF transform.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,38 +28,25 @@ def random_augment(ops=None) -> RandomAugment:
     return RandomAugment(2, 7, isPIL=True, augs=list(DEFAULT_AUGS if ops is None else ops))
 
 
-AUGMENT_KEYS = {'crop_min_scale', 'hflip', 'randaug_ops'}
-SWAP_SIDES = 'swap_sides'  # augment.hflip value: flip in the dataset, with the text's side words swapped
-
-SIDE_SWAPS = {'left': 'right', 'right': 'left', 'leftmost': 'rightmost', 'rightmost': 'leftmost'}
-_SIDE_WORD = re.compile(r'\b(leftmost|rightmost|left|right)\b', re.IGNORECASE)
-
-
-def swap_sides(text: str) -> str:
-    """`text` with left <-> right and leftmost <-> rightmost swapped (whole words, first-letter case kept)."""
-    def swap(match):
-        word = SIDE_SWAPS[match.group(1).lower()]
-        return word.capitalize() if match.group(1)[0].isupper() else word
-    return _SIDE_WORD.sub(swap, text)
-
-
-class MirrorSwappingSides:
-    """A horizontal flip that keeps the text true: with probability `p` the image is mirrored and every text has
-    its side words swapped ("the leftmost circle" -> "the rightmost circle"). The plain flip of the original
-    turns such texts false. Draws from Python's `random`, which the training loader seeds per item."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = p
-
-    def __call__(self, image: Image.Image, texts: Sequence[str]) -> tuple[Image.Image, tuple[str, ...]]:
-        if random.random() >= self.p:
-            return image, tuple(texts)
-        return ImageOps.mirror(image), tuple(swap_sides(t) for t in texts)
+def _check_augment(path: str, block: Mapping) -> None:
+    """Value checks of the config's `augment:` block beyond the types of AUGMENT_SCHEMA."""
+    scale = block.get('crop_min_scale', 0.5)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        raise ConfigError(f"{path}: key 'augment.crop_min_scale' must be a number in (0, 1], got {scale!r}")
+    ops = block.get('randaug_ops', [])
+    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+        raise ConfigError(f"{path}: key 'augment.randaug_ops' must be a list of op names, got {ops!r}")
+    for op in ops:
+        if op not in OPS:
+            raise ConfigError(f"{path}: key 'augment.randaug_ops' names an unknown op '{op}'{suggest(op, OPS)}; "
+                              f"known ops: {', '.join(OPS)}")
 
 
-def side_mirror(augment: dict | None) -> MirrorSwappingSides | None:
-    """The dataset-side flip the `augment:` block asks for (`hflip: swap_sides`), else None."""
-    return MirrorSwappingSides() if (augment or {}).get('hflip') == SWAP_SIDES else None
+# The config's optional `augment:` block (see build_transform). crop_min_scale and randaug_ops keep their own
+# messages (_check_augment).
+AUGMENT_SCHEMA: dict[str, Spec] = {'crop_min_scale': ANY, 'hflip': Spec((bool,)), 'randaug_ops': ANY}
+AUGMENT_KEYS = set(AUGMENT_SCHEMA)
+register_block('augment', AUGMENT_SCHEMA, _check_augment)
 
 
 def build_transform(kind: str, image_res: int, augment: dict | None = None) -> transforms.Compose:
@@ -73,9 +60,8 @@ def build_transform(kind: str, image_res: int, augment: dict | None = None) -> t
 
     `augment` (the config's optional `augment:` block) adapts the training transforms to data whose text the
     original augmentation would falsify: `crop_min_scale` (a crop can cut out counted objects), `hflip`
-    (flips swap left and right: False for none, 'swap_sides' to flip in the dataset with the text's side words
-    swapped, see `MirrorSwappingSides`; then there is no flip here), `randaug_ops` (colour ops change colour
-    words). Defaults are the original's.
+    (flips swap left and right: False for none), `randaug_ops` (colour ops change colour words). Defaults are the
+    original's.
     """
     if isinstance(image_res, bool) or not isinstance(image_res, int) or image_res <= 0:
         raise ValueError(f'image_res must be a positive int, got {image_res!r}')
@@ -83,7 +69,7 @@ def build_transform(kind: str, image_res: int, augment: dict | None = None) -> t
     unknown = set(augment) - AUGMENT_KEYS
     if unknown:
         raise ValueError(f'unknown augment key(s) {sorted(unknown)}; expected {sorted(AUGMENT_KEYS)}')
-    flip = [transforms.RandomHorizontalFlip()] if augment.get('hflip', True) is True else []
+    flip = [transforms.RandomHorizontalFlip()] if augment.get('hflip', True) else []
     randaug = random_augment(augment.get('randaug_ops'))
     bicubic = InterpolationMode.BICUBIC
     if kind in ('pretrain', 'train'):

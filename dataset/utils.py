@@ -395,24 +395,15 @@ class ImageDatasetBase:
     ann: Annotations
     skip_bad_images: bool = False
     max_substitutions: int = 1000
-    mirror = None  # training sets: a dataset.transforms.MirrorSwappingSides when augment.hflip is 'swap_sides'
 
-    def _init_image_loading(self, skip_bad_images: bool, mirror=None) -> None:
-        """Every dataset's constructor ends here: the bad-image policy and the text-keeping flip (or None)."""
-        self.mirror = mirror
+    def _init_image_loading(self, skip_bad_images: bool) -> None:
+        """Every dataset's constructor ends here: the bad-image policy."""
         self.skip_bad_images = bool(skip_bad_images)
         self.num_skipped = 0
         self.bad_items: set[int] = set()
 
     def _open(self, path: str, index: int) -> Image.Image:
         return open_image_rgb(path, self.ann.where(index))
-
-    def _image_and_texts(self, path: str, index: int, texts: Sequence[str]) -> tuple[Any, tuple[str, ...]]:
-        """Open the item's image, let `mirror` (if any) flip it together with `texts`, then `transform` it."""
-        image = self._open(path, index)
-        if self.mirror is not None:
-            image, texts = self.mirror(image, texts)
-        return self.transform(image), tuple(texts)
 
     def _load(self, index: int):
         raise NotImplementedError

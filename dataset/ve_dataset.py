@@ -15,7 +15,7 @@ class ve_dataset(ImageDatasetBase, Dataset):
     An unknown label is a DataError naming the item."""
 
     def __init__(self, ann_file, transform, image_root, max_words: int = 30, *,
-                 allow_absolute_paths: bool = False, skip_bad_images: bool = False, mirror=None):
+                 allow_absolute_paths: bool = False, skip_bad_images: bool = False):
         def check(item, where):
             if item['label'] not in LABELS:
                 raise DataError(f"{where}: key 'label' must be one of {', '.join(LABELS)}, got {item['label']!r}")
@@ -28,11 +28,11 @@ class ve_dataset(ImageDatasetBase, Dataset):
         self.max_words = max_words
         self.allow_absolute_paths = allow_absolute_paths
         self.labels = dict(LABELS)
-        self._init_image_loading(skip_bad_images, mirror)
+        self._init_image_loading(skip_bad_images)
 
     def _load(self, index):
         ann = self.ann[index]
         path = resolve_image_path(self.image_root, ann['image'] + '.jpg', self.allow_absolute_paths,
                                   self.ann.where(index))
-        image, (sentence,) = self._image_and_texts(path, index, (ann['sentence'],))
-        return image, pre_caption(sentence, self.max_words), self.labels[ann['label']]
+        image = self.transform(self._open(path, index))
+        return image, pre_caption(ann['sentence'], self.max_words), self.labels[ann['label']]

@@ -25,7 +25,7 @@ class vqa_dataset(ImageDatasetBase, Dataset):
 
     def __init__(self, ann_file, transform, vqa_root, vg_root, eos: str = '[SEP]', split: str = 'train',
                  max_ques_words: int = 30, answer_list: str = '', *, allow_absolute_paths: bool = False,
-                 skip_bad_images: bool = False, mirror=None):
+                 skip_bad_images: bool = False):
         if split not in ('train', 'test'):
             raise DataError(f"vqa_dataset: split must be 'train' or 'test', got {split!r}")
         self.split = split
@@ -64,15 +64,15 @@ class vqa_dataset(ImageDatasetBase, Dataset):
         if split == 'test':
             self.answer_list = load_answer_list(answer_list)
             self.gt_answers = {ann['question_id']: ann['answer'] for ann in self.ann if 'answer' in ann}
-        self._init_image_loading(skip_bad_images, mirror)
+        self._init_image_loading(skip_bad_images)
 
     def _load(self, index):
         ann = self.ann[index]
         where = self.ann.where(index)
         path = resolve_image_path(self.roots[ann['dataset']], ann['image'], self.allow_absolute_paths, where)
         human = [] if self.split == 'test' else ann['answer'] if ann['dataset'] == 'vqa' else [ann['answer']]
-        image, (question, *human) = self._image_and_texts(path, index, (ann['question'], *human))
-        question = pre_question(question, self.max_ques_words)
+        image = self.transform(self._open(path, index))
+        question = pre_question(ann['question'], self.max_ques_words)
         if self.split == 'test':
             return image, question, ann['question_id']
         if ann['dataset'] == 'vqa':

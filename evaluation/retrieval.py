@@ -166,7 +166,6 @@ def rerank_fast(model, feats: RetrievalFeatures, k_test: int, *, score: str = 'i
     logit 0 before the sum over ranks), for testing the split without a process group. With
     `release_text_states` the [Nt, 30, H] text states are dropped from `feats` once the scorer has packed them.
     """
-    from engine import autocast  # engine pulls in the optimizer package (utils.autocast once utils is a package)
     check_score_mode(score)
     rank, world = _rank_world(rank, world)
     sims = feats.similarity()
@@ -181,7 +180,7 @@ def rerank_fast(model, feats: RetrievalFeatures, k_test: int, *, score: str = 'i
     _broadcast_from_main(topk_i2t)
     _broadcast_from_main(topk_t2i)
     pairs = candidate_pairs(topk_i2t, topk_t2i, n_txt)
-    with autocast(sims.device, precision):
+    with utils.autocast(sims.device, precision):
         scorer = ITMPairScorer(model, feats.image_embeds, feats.text_embeds, feats.text_atts, sims.device,
                                torch.bfloat16 if precision == 'bf16' else None)
         if release_text_states:

@@ -69,7 +69,6 @@ def extract_features(model, data_loader, tokenizer, device: torch.device, *, kee
     are stored in bf16: the fusion layers' key/value projections (their only reader) cast them to bf16 under
     autocast anyway, so nothing changes but the memory.
     """
-    from engine import autocast  # engine pulls in the optimizer package (utils.autocast once utils is a package)
     dataset = data_loader.dataset
     texts = list(dataset.text)
     n_img = len(dataset)
@@ -82,7 +81,7 @@ def extract_features(model, data_loader, tokenizer, device: torch.device, *, kee
     order = torch.argsort(all_atts.sum(1), stable=True)
     feats = RetrievalFeatures(image_feat=None, text_feat=None)
     text_feat = None
-    with autocast(device, precision):
+    with utils.autocast(device, precision):
         for start in range(0, len(texts), text_chunk):
             rows = order[start:start + text_chunk]
             atts = all_atts[rows]
@@ -102,7 +101,7 @@ def extract_features(model, data_loader, tokenizer, device: torch.device, *, kee
 
     image_feat = None
     seen = torch.zeros(n_img, dtype=torch.bool)
-    with autocast(device, precision):
+    with utils.autocast(device, precision):
         for image, index in progress_iter(data_loader, len(data_loader), 'Evaluation: encode images', progress):
             embeds, feat = model.encode_image(image.to(device, non_blocking=True))
             index = torch.as_tensor(index).long()

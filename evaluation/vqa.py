@@ -140,7 +140,6 @@ def predict_answers(model, loader, tokenizer, device, answer_list: Sequence[str]
     the original does not truncate test questions). Each question's answer is the candidate with the largest
     re-ranked probability. Returns {'index': dataset indices, 'question_id', 'answer'}.
     """
-    from engine import autocast  # engine pulls in the optimizer package; utils.autocast once utils is a package
     index_batches = batch_indices(loader)
     k = clamp_k(k, cand_ids.size(0))
     was_training = model.training
@@ -152,7 +151,7 @@ def predict_answers(model, loader, tokenizer, device, answer_list: Sequence[str]
                                                                    header, total=len(index_batches)):
             q = tokenizer(list(questions), padding='longest', truncation=max_tokens is not None,
                           max_length=max_tokens, return_tensors='pt')
-            with autocast(device, precision):
+            with utils.autocast(device, precision):
                 topk_ids, topk_probs = model.predict(images.to(device, non_blocking=True), q.input_ids.to(device),
                                                      q.attention_mask.to(device), cand_ids, cand_atts, k)
             best = topk_ids.gather(1, topk_probs.argmax(dim=1, keepdim=True)).squeeze(1).tolist()

@@ -6,6 +6,7 @@ on variants with momentum copies.
 """
 import importlib
 
+from models import config_checks  # noqa: F401  (declares the model's config checks to utils.config)
 from utils import ConfigError
 
 # task name -> (module, model class) of that task (grounding fine-tunes the retrieval model).

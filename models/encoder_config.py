@@ -1,5 +1,6 @@
 """How an ALBEF config dict sets up the encoders: the text encoder's BertConfig (`build_text_config`) and
-gradient checkpointing (`grad_checkpointing_targets`, `apply_grad_checkpointing`)."""
+gradient checkpointing (`apply_grad_checkpointing`; the key is parsed by models.config_checks)."""
+from models.config_checks import grad_checkpointing_targets
 from models.xbert import build_bert_config, set_gradient_checkpointing
 from utils import ConfigError
 
@@ -20,19 +21,6 @@ def build_text_config(config, **overrides):
             raise ConfigError(f'bert_config: encoder_width {given} != vision_width {vision_width}')
         cfg.encoder_width = vision_width
     return cfg
-
-
-def grad_checkpointing_targets(config):
-    """Parse config['grad_checkpointing'] (bool or list from ['vision', 'text']) -> set of parts."""
-    value = config.get('grad_checkpointing', False)
-    if isinstance(value, bool):
-        return {'vision', 'text'} if value else set()
-    if isinstance(value, (list, tuple)):
-        bad = [v for v in value if v not in ('vision', 'text')]
-        if bad:
-            raise ConfigError(f"config grad_checkpointing: unknown part {bad[0]!r} (allowed: 'vision', 'text')")
-        return set(value)
-    raise ConfigError(f'config grad_checkpointing: expected bool or list, got {value!r}')
 
 
 def apply_grad_checkpointing(config, visual_encoder, *text_modules):

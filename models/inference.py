@@ -88,6 +88,10 @@ def default_config(kind: str, source: str) -> str:
 def _kind_and_config(obj, source: str, config, text_encoder, image_res):
     """(checkpoint kind, resolved config dict) for a read checkpoint object."""
     import utils
+    # dataset, optim and scheduler declare the checks of their blocks when imported: a config is checked in full.
+    import dataset  # noqa: F401
+    import optim  # noqa: F401
+    import scheduler  # noqa: F401
     from models.checkpoint import detect_kind, unwrap_state_dict
     sd, _ = unwrap_state_dict(obj, source)
     kind = detect_kind(sd)

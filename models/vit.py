@@ -12,10 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from timm.layers import HybridEmbed, LayerNorm2d, PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block
-from timm.models.vision_transformer_hybrid import ConvStem
 
 from models.attention_recording import AttentionRecorder
 
@@ -49,17 +48,11 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4., qkv_bias=True, drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
-                 norm_layer=None, init_std=.02, patch_embed='linear'):
+                 norm_layer=None, init_std=.02):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.embed_dim = self.num_features = embed_dim
-        if patch_embed == 'linear':
-            self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                          embed_dim=embed_dim)
-        elif patch_embed == 'conv':
-            self.patch_embed = conv_patch_embed(img_size, patch_size, in_chans, embed_dim)
-        else:
-            raise ValueError(f"patch_embed must be 'linear' or 'conv', got {patch_embed!r}")
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
@@ -116,20 +109,6 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-def conv_patch_embed(img_size, patch_size, in_chans, embed_dim):
-    """Patch embedding by a stack of 3x3 stride-2 convolutions (log2(patch_size) of them) and a 1x1 projection:
-    the same token grid as the linear patch embedding, but with overlapping receptive fields (Xiao et al. 2021,
-    "Early convolutions help transformers see better"). LayerNorm, not BatchNorm, so that a token does not depend
-    on the rest of the batch."""
-    depth = patch_size.bit_length() - 1
-    if patch_size < 2 or 1 << depth != patch_size:
-        raise ValueError(f'patch_embed conv needs patch_size a power of two >= 2, got {patch_size}')
-    channels = tuple(min(embed_dim, 32 << i) for i in range(depth))
-    stem = ConvStem(in_chans, depth=depth, channels=channels, stride=(2,) * depth, norm_layer=LayerNorm2d,
-                    act_layer=nn.GELU)
-    return HybridEmbed(stem, img_size=img_size, patch_size=1, in_chans=in_chans, embed_dim=embed_dim)
-
-
 def build_vit(config):
     """Build the ViT from an ALBEF config dict (image_res, patch_size, vision_width, vision_depth,
     vision_num_heads, mlp_ratio, vision_init_std)."""
@@ -143,5 +122,4 @@ def build_vit(config):
         qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         init_std=config.get('vision_init_std', .02),
-        patch_embed=config.get('patch_embed', 'linear'),
     )

@@ -9,6 +9,7 @@ Public API:
 """
 from optim.optim_factory import (OPTIMIZER_NAMES, NovoGrad, create_optimizer, optimizer_needs_create_graph,
                                  param_groups_weight_decay)
+from optim.schema import OPTIMIZER_KEYS, OPTIMIZER_SCHEMA  # declares the config block to utils.config
 
 __all__ = ['create_optimizer', 'optimizer_needs_create_graph', 'param_groups_weight_decay', 'NovoGrad',
-           'OPTIMIZER_NAMES']
+           'OPTIMIZER_NAMES', 'OPTIMIZER_SCHEMA', 'OPTIMIZER_KEYS']

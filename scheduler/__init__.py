@@ -7,6 +7,7 @@ caller may equally pass a `scheduler:` block: only the mapping is read), and the
 """
 from scheduler.scheduler_factory import (SCHEDULER_NAMES, CosineLRScheduler, PlateauLRScheduler, StepLRScheduler,
                                          TanhLRScheduler, create_scheduler)
+from scheduler.schema import SCHEDULER_KEYS, SCHEDULER_SCHEMA  # declares the config block to utils.config
 
 __all__ = ['create_scheduler', 'CosineLRScheduler', 'TanhLRScheduler', 'StepLRScheduler', 'PlateauLRScheduler',
-           'SCHEDULER_NAMES']
+           'SCHEDULER_NAMES', 'SCHEDULER_SCHEMA', 'SCHEDULER_KEYS']

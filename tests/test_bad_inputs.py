@@ -329,7 +329,7 @@ def config_nested_misspelled_key(c):
 
 @case
 def config_unknown_flip_mode(c):
-    return config_case(c, r"key 'augment.hflip' must be true, false or 'swap_sides', got 'sideways'$",
+    return config_case(c, r"key 'augment.hflip' must be bool, got str 'sideways'$",
                        augment={'hflip': 'sideways'})
 
 
@@ -589,8 +589,8 @@ def test_error_of_a_silenced_rank_is_printed(capsys, monkeypatch):
     """Ranks > 0 have `print` silenced (setup_for_distributed); their error line must still reach stderr."""
     monkeypatch.setattr(builtins, 'print', builtins.print)  # restored after the test
     utils.setup_for_distributed(False)
-    monkeypatch.setattr(utils, 'get_world_size', lambda: 2)
-    monkeypatch.setattr(utils, 'get_rank', lambda: 1)
+    monkeypatch.setattr(utils.errors, 'get_world_size', lambda: 2)  # where the error line reads them
+    monkeypatch.setattr(utils.errors, 'get_rank', lambda: 1)
 
     def main(argv):
         raise utils.UserError('ann.json item 3: cannot read image x.jpg')

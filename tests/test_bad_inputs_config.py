@@ -24,9 +24,11 @@ import torch
 
 import Grounding
 import NLVR
+import optim
 import Pretrain
 import Pretrain_nlvr
 import Retrieval
+import scheduler
 import utils
 import VE
 import VQA
@@ -641,5 +643,6 @@ def test_every_range_is_declared_in_the_schema():
         assert spec.lo == 0 and spec.lo_open and spec.cap is not None, key
     for key in ('mlm_probability', 'alpha', 'momentum', 'itm_random_negatives'):
         assert utils.CONFIG_SCHEMA[key].range_text() == 'in [0, 1]'
-    assert utils.OPTIMIZER_SCHEMA['opt_betas'].items.range_text() == 'in [0, 1)'
-    assert utils.OPTIMIZER_KEYS == set(utils.OPTIMIZER_SCHEMA) and utils.SCHEDULER_KEYS == set(utils.SCHEDULER_SCHEMA)
+    assert optim.OPTIMIZER_SCHEMA['opt_betas'].items.range_text() == 'in [0, 1)'
+    assert optim.OPTIMIZER_KEYS == set(optim.OPTIMIZER_SCHEMA)
+    assert scheduler.SCHEDULER_KEYS == set(scheduler.SCHEDULER_SCHEMA)

@@ -15,7 +15,6 @@ import dataset
 from dataset import (DataError, create_dataset, create_loader, create_sampler, grounding_dataset, nlvr_dataset,
                      pretrain_dataset, re_eval_dataset, re_train_dataset, ve_dataset, vqa_collate_fn, vqa_dataset)
 from dataset.transforms import MEAN, STD, build_transform
-from torchvision import transforms
 from dataset.utils import (choose_box, computeIoU, grounding_eval, load_annotations, open_image_rgb,
                            proposal_scores, upsample_heatmap)
 from utils import ConfigError, UserError
@@ -425,63 +424,6 @@ def test_create_dataset_all_names(root, task_files):
     assert type(tr.transform.transforms[0]).__name__ == 'Resize'
     assert type(te.transform.transforms[1]).__name__ == 'ToTensor'
 
-
-
-def test_swap_sides_swaps_whole_side_words_only():
-    from dataset.transforms import swap_sides
-    assert (swap_sides('The leftmost circle is to the left of the Right square, from left to right.')
-            == 'The rightmost circle is to the right of the Left square, from right to left.')
-    assert swap_sides('a bright leftover copyright') == 'a bright leftover copyright'
-
-
-def test_side_mirror_flips_image_and_text_together(root, tmp_path):
-    """augment.hflip 'swap_sides': each training set flips an item's image and swaps its text's side words in the
-    same draw, so the text stays true; evaluation sets never flip."""
-    from dataset.transforms import MirrorSwappingSides, side_mirror
-    half = Image.new('RGB', (12, 10), (0, 0, 200))
-    half.paste((200, 0, 0), (0, 0, 4, 10))  # red band on the left
-    half.save(os.path.join(root, 'half.png'))
-    f = {
-        'pre': write_json(tmp_path / 'p.json', [{'image': os.path.join(root, 'half.png'),
-                                                 'caption': 'A red band on the left'}]),
-        've': write_json(tmp_path / 've.json', [{'image': 'half', 'sentence': 'red is leftmost',
-                                                 'label': 'entailment'}]),
-        'vqa': write_json(tmp_path / 'vqa.json', [{'question': 'Which side is red on?', 'answer': ['left'] * 9 + ['right'],
-                                                   'image': 'half.png', 'dataset': 'vqa'}]),
-        'g': write_json(tmp_path / 'g.json', [{'image': 'half.png', 'text': 'the left band'}]),
-        're': write_json(tmp_path / 're.json', [{'image': 'half.png', 'caption': 'red left', 'image_id': 7}]),
-    }
-    Image.open(os.path.join(root, 'half.png')).save(os.path.join(root, 'half.jpg'))  # SNLI-VE adds '.jpg'
-    always = MirrorSwappingSides(p=1.0)
-    sets = {  # dataset, the text of its item that names a side
-        'pretrain': (pretrain_dataset(f['pre'], np.asarray, mirror=always), lambda item: item[1]),
-        've': (ve_dataset(f['ve'], np.asarray, root, mirror=always), lambda item: item[1]),
-        'vqa': (vqa_dataset(f['vqa'], np.asarray, root, None, mirror=always), lambda item: item[2][0]),
-        'grounding': (grounding_dataset(f['g'], np.asarray, root, mirror=always), lambda item: item[1]),
-        'retrieval': (re_train_dataset(f['re'], np.asarray, root, mirror=always), lambda item: item[1]),
-    }
-    for name, (ds, side_text) in sets.items():
-        item = ds[0]
-        assert item[0][5, -1, 0] > 150 and item[0][5, 0, 2] > 150, name  # red now on the right
-        assert 'right' in side_text(item) and 'left' not in side_text(item), name
-    _, question, answers, weights = sets['vqa'][0][0]
-    assert question == 'which side is red on' and answers == ['right[SEP]', 'left[SEP]']
-    assert weights == pytest.approx([0.9, 0.1])
-
-    never = pretrain_dataset(f['pre'], np.asarray, mirror=MirrorSwappingSides(p=0.0))[0]
-    assert never[0][5, 0, 0] > 150 and never[1] == 'a red band on the left'
-    draws = [MirrorSwappingSides()(half, ('left',))[1][0] for _ in range(200)]
-    assert 60 < draws.count('right') < 140
-
-    # Through create_dataset: training sets get the mirror, the plain flip leaves the transform, NLVR2 refuses.
-    assert side_mirror({'hflip': True}) is None and side_mirror(None) is None
-    config = {'image_res': 16, 'image_root': root, 'train_file': f['ve'], 'val_file': f['ve'], 'test_file': f['ve'],
-              'augment': {'hflip': 'swap_sides'}}
-    train, val, test = create_dataset('ve', config)
-    assert isinstance(train.mirror, MirrorSwappingSides) and val.mirror is None and test.mirror is None
-    assert not any(isinstance(t, transforms.RandomHorizontalFlip) for t in train.transform.transforms)
-    with pytest.raises(ConfigError, match="'swap_sides' does not fit NLVR2"):
-        create_dataset('nlvr', {**config, 'train_file': f['ve']})
 
 
 def test_create_dataset_config_errors(root, task_files):

@@ -14,6 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+# The owners of the config's blocks and model checks declare them when imported.
+import models  # noqa: F401
+import optim  # noqa: F401
+import scheduler  # noqa: F401
 import utils
 from dataset import (grounding_dataset, nlvr_dataset, pretrain_dataset, re_eval_dataset, re_train_dataset,
                      ve_dataset, vqa_dataset)
@@ -146,7 +150,7 @@ def test_answer_list_parser(content, scratch):
 # Config loader
 # ----------------------------------------------------------------------------------------------------------------
 # Keys of the nested blocks (optimizer, schedular, augment), so that their value checks are reached too.
-BLOCK_KEYS = utils.OPTIMIZER_KEYS | utils.SCHEDULER_KEYS | {'crop_min_scale', 'hflip', 'randaug_ops'}
+BLOCK_KEYS = set().union(*utils.registered_blocks().values())
 
 
 def _schema_value(types: tuple):

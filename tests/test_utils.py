@@ -1,4 +1,4 @@
-"""utils.py: config validation, distributed helpers at world size 1, metric logging, safe writes, CLI plumbing."""
+"""utils/: config validation, distributed helpers at world size 1, metric logging, safe writes, CLI plumbing."""
 import argparse
 import glob
 import json
@@ -9,6 +9,11 @@ import sys
 import pytest
 import torch
 
+# The owners of the config's blocks and model checks declare them when imported.
+import dataset  # noqa: F401
+import models  # noqa: F401
+import optim  # noqa: F401
+import scheduler  # noqa: F401
 import utils
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs', '*.yaml')))
@@ -120,9 +125,9 @@ def test_dist_timeout_flag_reaches_the_process_group(monkeypatch):
     """--dist_timeout bounds how long a rank waits for peers that never start (default 30 min as torch's)."""
     import datetime
     seen = {}
-    monkeypatch.setattr(utils.dist, 'init_process_group', lambda **kw: seen.update(kw))
-    monkeypatch.setattr(utils.dist, 'barrier', lambda: None)
-    monkeypatch.setattr(utils, 'setup_for_distributed', lambda is_master: None)
+    monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch.distributed, 'barrier', lambda: None)
+    monkeypatch.setattr(utils.distributed, 'setup_for_distributed', lambda is_master: None)
     monkeypatch.setenv('RANK', '1')
     monkeypatch.setenv('WORLD_SIZE', '2')
     parser = utils.get_parent_parser('c.yaml', 'out')
@@ -296,3 +301,34 @@ def test_failed_write_is_one_line_naming_the_file(tmp_path, monkeypatch):
         utils.append_json_line(str(log), {'epoch': 1})
     assert target.read_text() == 'old' and sorted(os.listdir(tmp_path)) == ['log.txt', 'results.json']
     assert log.read_text() == '{"epoch": 0}\n'
+
+
+def test_removed_knobs_are_ordinary_config_errors(tmp_path):
+    """`patch_embed` and `augment.hflip: swap_sides` were tried and removed: a config naming them is refused."""
+    with pytest.raises(utils.ConfigError, match=r"c.yaml: unknown key 'patch_embed'$"):
+        utils.load_config(write(tmp_path, 'patch_embed: conv\n'))
+    with pytest.raises(utils.ConfigError, match=r"key 'augment.hflip' must be bool, got str 'swap_sides'$"):
+        utils.load_config(write(tmp_path, 'augment: {hflip: swap_sides}\n'))
+
+
+def test_each_block_is_declared_by_its_owner():
+    """The block schemas live with the code that reads them and reach validate_config through the registry."""
+    from dataset.transforms import AUGMENT_SCHEMA
+    blocks = utils.registered_blocks()
+    assert blocks['augment'] is not AUGMENT_SCHEMA and blocks['augment'] == AUGMENT_SCHEMA
+    assert blocks['optimizer'] == optim.OPTIMIZER_SCHEMA
+    assert blocks['schedular'] == blocks['scheduler'] == scheduler.SCHEDULER_SCHEMA
+    with pytest.raises(utils.ConfigError, match=r"<config>: key 'grad_checkpointing' entries must be 'vision' or "
+                                                r"'text', got \['cnn'\]"):
+        utils.validate_config({'grad_checkpointing': ['vision', 'cnn']})
+    with pytest.raises(KeyError):
+        utils.register_block('no_such_key', {})
+
+
+def test_autocast_contexts():
+    import contextlib
+    assert isinstance(utils.autocast(torch.device('cpu'), 'fp32'), contextlib.nullcontext)
+    with utils.autocast(torch.device('cpu'), 'bf16'):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(utils.UserError, match='--precision fp16 needs a CUDA device'):
+        utils.autocast(torch.device('cpu'), 'fp16')

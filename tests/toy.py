@@ -77,8 +77,8 @@ def _content_key(world_dir: str) -> str:
     code = hashlib.sha256(torch.__version__.encode())
     files = sorted(glob.glob(os.path.join(ROOT, 'models', '*.py')) + glob.glob(os.path.join(ROOT, 'dataset', '*.py'))
                    + glob.glob(os.path.join(ROOT, 'optim', '*.py')) + glob.glob(os.path.join(ROOT, 'scheduler', '*.py'))
-                   + glob.glob(os.path.join(ROOT, 'engine', '*.py'))
-                   + [os.path.join(ROOT, n) for n in ('utils.py', 'Pretrain.py')]
+                   + glob.glob(os.path.join(ROOT, 'engine', '*.py')) + glob.glob(os.path.join(ROOT, 'utils', '*.py'))
+                   + [os.path.join(ROOT, 'Pretrain.py')]
                    + [os.path.join(ROOT, 'configs', 'toy', n) for n in ('Pretrain.yaml', 'config_bert_toy.json')])
     for path in files:
         with open(path, 'rb') as f:
