@@ -1,6 +1,6 @@
 """The toy world's stand-in for the ImageNet-trained DeiT that ALBEF starts from: a supervised image tower.
 
-    python -m dataset.toyworld_vit --world data/toyworld --config configs/toy/Pretrain.yaml
+    python -m dataset.toyworld.supervised_vit --world data/toyworld --config configs/toy/Pretrain.yaml
 
 ALBEF never learns to see from image-text pairs alone: its ViT starts from DeiT weights trained with labels on
 ImageNet. The toy world has no ImageNet, so this trains the toy config's ViT (random init, the config's sizes)
@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Sequence
 
-from dataset.toyworld import read_manifest, read_world
+from dataset.toyworld.world import read_manifest, read_world
 
 ATTRIBUTES = ('shape', 'colour', 'size')
 WEIGHTS_NAME = 'vit_supervised.pth'
@@ -214,7 +214,7 @@ def ensure_supervised_vit(world_dir: str, config: dict, steps: int = 1000, force
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 with a one-line message for bad input)."""
-    p = argparse.ArgumentParser(prog='python -m dataset.toyworld_vit', description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog='python -m dataset.toyworld.supervised_vit', description=__doc__.splitlines()[0])
     p.add_argument('--world', default='data/toyworld', help='toy world folder (default data/toyworld)')
     p.add_argument('--config', default='configs/toy/Pretrain.yaml', help='config with the ViT sizes')
     p.add_argument('--steps', type=int, default=1000, help='AdamW steps of 32 images (default 1000)')
