@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     run([py, '-m', 'dataset.toyworld', '--out', args.toy_dir, '--seed', str(args.seed)])
     # The image tower ALBEF starts from (DeiT, trained with ImageNet labels), made the toy world's way.
-    run([py, '-m', 'dataset.toyworld_vit', '--world', args.toy_dir, '--config', 'configs/toy/Pretrain.yaml'])
+    run([py, '-m', 'dataset.toyworld.supervised_vit', '--world', args.toy_dir, '--config', 'configs/toy/Pretrain.yaml'])
     run([py, 'Pretrain.py', '--config', 'configs/toy/Pretrain.yaml', '--output_dir', f'{out}/pretrain'])
     pretrain = f'{out}/pretrain/checkpoint_last.pth'
     # Zero-shot retrieval of the pretrained model (ITC top-k re-ranked by ITM, as ALBEF ranks), no fine-tuning.

@@ -23,7 +23,7 @@ def names_a_side(text: str) -> bool:
 
 
 def vqa_question_kind(question: str) -> str:
-    """The kind of a toy VQA question, read back from `_vqa_question`'s templates.
+    """The kind of a toy VQA question, read back from the templates of dataset/toyworld/vqa.py.
 
     'count', 'exist', 'relation' ("is A to the left of B?", yes / no), 'side' ("is A on the left or the right of
     B?"), or 'colour' / 'shape' / 'size' of one object, with ' by position' appended when the question names that
@@ -49,14 +49,15 @@ def vqa_question_kind(question: str) -> str:
     return kind + ' by position' if names_a_side(q) else kind
 
 
-# one image at a time (or a sum); 'more / fewer' and 'same number' compare the two images.
+# What each of the NLVR2 templates (dataset/toyworld/nlvr.py) asks, by template number. The first four and 'total'
+# can be told from one image at a time (or a sum); 'more / fewer' and 'same number' compare the two images.
 NLVR_STATEMENT_KINDS = ('count in one image', 'in both', 'in neither', 'only in one', 'more / fewer', 'same number',
                         'total', 'relation', 'leftmost / rightmost')
 
 
 def nlvr_statement_kind(sentence: str) -> str:
-    """The kind (one of NLVR_STATEMENT_KINDS) of a toy NLVR2 statement, read back from `_nlvr_statement`'s
-    templates. Raises ValueError on text no template makes."""
+    """The kind (one of NLVR_STATEMENT_KINDS) of a toy NLVR2 statement, read back from the
+    templates of dataset/toyworld/nlvr.py. Raises ValueError on text no template makes."""
     s = sentence.strip().lower().rstrip('.')
     if ' the same number of ' in s or ' equally many ' in s:
         kind = 5

@@ -12,6 +12,7 @@ from dataset.toyworld.text import (SIZE_WORDS, finish, full_indefinite, indefini
 
 
 def caption(rng: np.random.Generator, objs: Sequence[Obj]) -> str:
+    """One caption of a random template kind that the image supports."""
     n = len(objs)
     kinds = ['list', 'list', 'total'] + (['ordered', 'relation', 'group'] if n >= 2 else ['single', 'single'])
     kind = pick(rng, kinds)
@@ -66,8 +67,9 @@ def caption(rng: np.random.Generator, objs: Sequence[Obj]) -> str:
     o = objs[int(rng.integers(n))]
     if n == 1:
         return f'one object: {full_indefinite(rng, o)}'
-    return pick(rng, (f'{number_word(n)} objects, including {full_indefinite(rng, o)}', f'a picture of {number_word(n)} objects',
-                       f'{number_word(n)} shapes on a plain background', f'{number_word(n)} objects with {full_indefinite(rng, o)}'))
+    return pick(rng, (f'{number_word(n)} objects, including {full_indefinite(rng, o)}',
+                      f'a picture of {number_word(n)} objects', f'{number_word(n)} shapes on a plain background',
+                      f'{number_word(n)} objects with {full_indefinite(rng, o)}'))
 
 
 def image_captions(rng: np.random.Generator, objs: Sequence[Obj], k: int) -> list[str]:

@@ -68,8 +68,9 @@ def _nlvr_statement(rng: np.random.Generator, template: int, left: Sequence[Obj]
         total = cl + cr
         k = total if rng.random() < 0.5 else int(rng.integers(0, 6))
         w = phrase(rng, d, plural=k != 1)
-        s = pick(rng, (f'there are {number_word(k)} {w} in total', f'the two images together contain {number_word(k)} {w}',
-                        f'altogether there are exactly {number_word(k)} {w}'))
+        s = pick(rng, (f'there are {number_word(k)} {w} in total',
+                       f'the two images together contain {number_word(k)} {w}',
+                       f'altogether there are exactly {number_word(k)} {w}'))
         if k == 1:
             s = s.replace('there are one', 'there is one').replace('there are exactly one', 'there is exactly one')
         return s, total == k
@@ -98,7 +99,7 @@ def _nlvr_statement(rng: np.random.Generator, template: int, left: Sequence[Obj]
 
 
 NLVR_TEMPLATES = 9
-# What each of `_nlvr_statement`'s templates asks, by template number. The first four and 'total' can be told from
+
 
 def nlvr_split(rng: np.random.Generator, worlds: Sequence[dict], n_items: int) -> list[dict]:
     """n_items statements over random pairs of the pool's images; labels balanced for every template."""

@@ -10,7 +10,8 @@ from dataset.toyworld.text import ref_text
 
 
 def iou(a, b) -> float:
-    """computeIoU of spec 10.8 (inclusive-pixel intersection, plain-area union)."""
+    """Intersection over union of two [x, y, w, h] boxes as REFER's computeIoU counts it (inclusive-pixel
+    intersection, plain-area union)."""
     x1, y1 = max(a[0], b[0]), max(a[1], b[1])
     x2, y2 = min(a[0] + a[2] - 1, b[0] + b[2] - 1), min(a[1] + a[3] - 1, b[1] + b[3] - 1)
     inter = (x2 - x1 + 1) * (y2 - y1 + 1) if x1 < x2 and y1 < y2 else 0
@@ -51,6 +52,7 @@ def distractor_boxes(rng: np.random.Generator, objs: Sequence[Obj], side: int) -
 
 
 def ref_expressions(rng: np.random.Generator, o: Obj, objs: Sequence[Obj], k: int) -> list[str]:
+    """Up to k distinct expressions that single out `o` among `objs` (none if nothing does)."""
     refs = refs_for(o, objs)
     if not refs:
         return []

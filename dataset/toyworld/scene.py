@@ -45,19 +45,23 @@ class Desc(NamedTuple):
 
 
 def pick(rng: np.random.Generator, seq: Sequence):
+    """A uniformly drawn element of `seq`."""
     return seq[int(rng.integers(len(seq)))]
 
 
 def matches(o: Obj, d: Desc) -> bool:
+    """Whether the object fits every attribute the description mentions."""
     return ((d.size is None or o.size == d.size) and (d.colour is None or o.colour == d.colour)
             and (d.shape is None or o.shape == d.shape))
 
 
 def count_matching(objs: Sequence[Obj], d: Desc) -> int:
+    """How many of the objects fit the description."""
     return sum(matches(o, d) for o in objs)
 
 
 def desc_of(o: Obj, attrs: Sequence[str]) -> Desc:
+    """The description of `o` by the given attributes only."""
     return Desc(**{a: getattr(o, a) for a in attrs})
 
 

@@ -13,7 +13,7 @@ VE_LABELS = ('entailment', 'neutral', 'contradiction')
 
 
 def _ve_hypothesis(rng: np.random.Generator, objs: Sequence[Obj], label: str) -> str | None:
-    """A hypothesis with the given label (see the module docstring), or None if this draw failed."""
+    """A hypothesis with the given label (see the package docstring), or None if this draw failed."""
     kind = pick(rng, ('size', 'colour', 'shape', 'relation', 'relation', 'extreme'))
     if kind in ('size', 'colour', 'shape', 'extreme'):
         exclude = () if kind == 'extreme' else (kind,)
@@ -86,6 +86,7 @@ def _ve_hypothesis(rng: np.random.Generator, objs: Sequence[Obj], label: str) ->
 
 
 def ve_for_image(rng: np.random.Generator, objs: Sequence[Obj], labels: Sequence[str]) -> list:
+    """(hypothesis, label) for each wanted label, finished as a human would write it."""
     out = []
     for label in labels:
         for _ in range(200):

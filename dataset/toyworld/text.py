@@ -15,6 +15,7 @@ NUMBER_WORDS = ('no', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'ei
 
 def noun(rng: np.random.Generator, shape: str | None, plural: bool = False,
           generic=('object', 'object', 'shape')) -> str:
+    """The shape's noun, or a generic one ('object', 'shape') when no shape is given."""
     w = shape if shape else pick(rng, generic)
     return w + 's' if plural else w
 
@@ -30,8 +31,9 @@ def phrase(rng: np.random.Generator, d: Desc, plural: bool = False, generic=('ob
     return ' '.join(ws)
 
 
-def indefinite(phrase: str) -> str:
-    return ('an ' if phrase[0] in 'aeiou' else 'a ') + phrase
+def indefinite(words: str) -> str:
+    """'a red circle', 'an orange square'."""
+    return ('an ' if words[0] in 'aeiou' else 'a ') + words
 
 
 def ref_text(rng: np.random.Generator, ref, objs: Sequence[Obj], article: bool = True,
@@ -52,16 +54,19 @@ def ref_text(rng: np.random.Generator, ref, objs: Sequence[Obj], article: bool =
 
 
 def join_list(items: Sequence[str]) -> str:
+    """'a, b and c'."""
     if len(items) == 1:
         return items[0]
     return ', '.join(items[:-1]) + ' and ' + items[-1]
 
 
 def number_word(n: int) -> str:
+    """'no', 'one', 'two', ..."""
     return NUMBER_WORDS[n]
 
 
 def full_indefinite(rng: np.random.Generator, o: Obj) -> str:
+    """'a big red circle': every attribute of `o`, with its article."""
     return indefinite(phrase(rng, Desc(o.size, o.colour, o.shape)))
 
 

@@ -58,6 +58,7 @@ def text_words(text: str) -> list[str]:
 
 
 def check_vocab(texts, where: str) -> None:
+    """Raise if any word of the texts is missing from the vocabulary (a template bug)."""
     for t in texts:
         for w in text_words(t):
             if w not in _VOCAB_SET:  # a template bug, not a user error

@@ -118,6 +118,7 @@ def human_answers(rng: np.random.Generator, answer: str, answer_type: str) -> li
 
 
 def vqa_for_image(rng: np.random.Generator, objs: Sequence[Obj], k: int) -> list:
+    """Up to k distinct (question, answer, question type, answer type) tuples about one image."""
     out, seen = [], set()
     for _ in range(30 * k):
         if len(out) == k:

@@ -160,7 +160,7 @@ def format_summary(out: str, manifest: dict) -> str:
 
 
 def generate(out: str, force: bool = False, verbose: bool = True, **kwargs) -> dict:
-    """Write a toy world to `out` (see the module docstring) and return its manifest.
+    """Write a toy world to `out` (see the package docstring) and return its manifest.
 
     Keyword arguments are the DEFAULTS keys (seed, image_size, train_images, ...). An existing world made with
     the same arguments is reused (unless `force`); anything else already in `out` raises ToyWorldError and is
