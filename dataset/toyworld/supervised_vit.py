@@ -15,7 +15,7 @@ Run again with the same world, sizes and steps, it does nothing (`--force` retra
 Without it, a from-scratch toy ViT learns colour but hardly shape from captions (README, "Status").
 
 Trained so, the tower's object tokens forget where the object is (a linear probe tells its centre's column no better
-than chance, `benchmarks/toy_probe.py`). `--position-bins B` adds two per-object heads for the column and row of
+than chance, `tools/toy/encoder_probe.py`). `--position-bins B` adds two per-object heads for the column and row of
 the centre on a B x B grid, so the tokens keep it (as a DeiT's do). Off by default: on the default world it did not
 lift the tasks that ask for left / right (README, "Status").
 """
@@ -34,7 +34,7 @@ ATTRIBUTES = ('shape', 'colour', 'size')
 WEIGHTS_NAME = 'vit_supervised.pth'
 # Raise when the training itself changes (heads, losses, optimizer): weights made by an older recipe are retrained.
 RECIPE_VERSION = 2
-# Cells per side of the grid on which benchmarks/toy_probe.py reads an object's place: finer than the toy configs'
+# Cells per side of the grid on which tools/toy/encoder_probe.py reads an object's place: finer than the toy configs'
 # 8 x 8 patch grid, since objects that the texts call left / right of each other can be closer than a patch.
 POSITION_BINS = 16
 # The ViT sizes the weights depend on; a config that differs in any of them needs its own training.
