@@ -24,7 +24,7 @@ def caption(rng: np.random.Generator, objs: Sequence[Obj]) -> str:
             d, c = Desc(*keys[k]), kinds_here[keys[k]]
             items.append(indefinite(phrase(rng, d)) if c == 1 else f'{number_word(c)} {phrase(rng, d, plural=True)}')
         prefix = pick(rng, ('', '', 'an image of ', 'a picture with ', 'a scene containing ', 'there is ',
-                             'a picture showing '))
+                            'a picture showing '))
         return prefix + join_list(items)
     if kind == 'ordered':
         items = join_list([full_indefinite(rng, o) for o in objs])
@@ -62,7 +62,7 @@ def caption(rng: np.random.Generator, objs: Sequence[Obj]) -> str:
     if kind == 'single':
         w = phrase(rng, Desc(objs[0].size, objs[0].colour, objs[0].shape))
         return pick(rng, (f'a single {w}', f'just one {w}', f'a lone {w}', f'one {w} on a plain background',
-                           f'only {indefinite(w)} is visible'))
+                          f'only {indefinite(w)} is visible'))
     # total
     o = objs[int(rng.integers(n))]
     if n == 1:

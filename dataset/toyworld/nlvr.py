@@ -14,8 +14,8 @@ def _nlvr_desc(rng: np.random.Generator, left: Sequence[Obj], right: Sequence[Ob
     objs = list(left) + list(right)
     if objs and rng.random() < 0.7:
         return desc_of(objs[int(rng.integers(len(objs)))],
-                        pick(rng, (('colour',), ('shape',), ('colour', 'shape'), ('size', 'shape'),
-                                    ('size', 'colour'), ('size', 'colour', 'shape'))))
+                       pick(rng, (('colour',), ('shape',), ('colour', 'shape'), ('size', 'shape'),
+                                  ('size', 'colour'), ('size', 'colour', 'shape'))))
     return random_desc(rng, ATTRS)
 
 
@@ -37,17 +37,17 @@ def _nlvr_statement(rng: np.random.Generator, template: int, left: Sequence[Obj]
     if template == 1:  # both
         w = phrase(rng, d)
         s = pick(rng, (f'both images contain {indefinite(w)}', f'there is {indefinite(w)} in both images',
-                        f'each image has {indefinite(w)}'))
+                       f'each image has {indefinite(w)}'))
         return s, cl > 0 and cr > 0
     if template == 2:  # neither
         s = pick(rng, (f'neither image contains {indefinite(phrase(rng, d))}',
-                        f'there are no {phrase(rng, d, plural=True)} in either image',
-                        f'no image has any {phrase(rng, d, plural=True)}'))
+                       f'there are no {phrase(rng, d, plural=True)} in either image',
+                       f'no image has any {phrase(rng, d, plural=True)}'))
         return s, cl == 0 and cr == 0
     if template == 3:  # only one side
         w = phrase(rng, d)
         s = pick(rng, (f'only the {side} image contains {indefinite(w)}',
-                        f'{indefinite(w)} appears in the {side} image but not in the {other} image'))
+                       f'{indefinite(w)} appears in the {side} image but not in the {other} image'))
         return s, cs > 0 and co == 0
     if template == 4:  # more / fewer
         if rng.random() < 0.3:

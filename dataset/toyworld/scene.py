@@ -67,7 +67,7 @@ def desc_of(o: Obj, attrs: Sequence[str]) -> Desc:
 
 # All attribute subsets, smallest first (empty = "the object").
 ATTRIBUTE_SUBSETS = ((), ('size',), ('colour',), ('shape',), ('size', 'colour'), ('size', 'shape'), ('colour', 'shape'),
-          ('size', 'colour', 'shape'))
+                     ('size', 'colour', 'shape'))
 
 
 def random_desc(rng: np.random.Generator, allowed: Sequence[str]) -> Desc:

@@ -14,7 +14,7 @@ NUMBER_WORDS = ('no', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'ei
 
 
 def noun(rng: np.random.Generator, shape: str | None, plural: bool = False,
-          generic=('object', 'object', 'shape')) -> str:
+         generic=('object', 'object', 'shape')) -> str:
     """The shape's noun, or a generic one ('object', 'shape') when no shape is given."""
     w = shape if shape else pick(rng, generic)
     return w + 's' if plural else w
@@ -37,7 +37,7 @@ def indefinite(words: str) -> str:
 
 
 def ref_text(rng: np.random.Generator, ref, objs: Sequence[Obj], article: bool = True,
-              generic=('object', 'object', 'shape')) -> str:
+             generic=('object', 'object', 'shape')) -> str:
     """Render a reference: 'the red circle', 'the leftmost triangle', 'the square on the right', ..."""
     d, loc = ref
     w = phrase(rng, d, generic=generic)

@@ -64,7 +64,7 @@ def _vqa_question(rng: np.random.Generator, objs: Sequence[Obj], qtype: str):
             d = random_desc(rng, ATTRS)
         w = phrase(rng, d, plural=True)
         q = pick(rng, (f'how many {w} are there?', f'how many {w} are in the image?',
-                        f'how many {w} can you see?', f'how many {w} are in the picture?'))
+                       f'how many {w} can you see?', f'how many {w} are in the picture?'))
         return q, str(count_matching(objs, d)), 'how many', 'number'
     if qtype == 'exist':
         want = bool(rng.random() < 0.5)

@@ -27,7 +27,7 @@ import sys
 
 from dataset.toyworld import read_world
 from dataset.toyworld.supervised_vit import (ATTRIBUTES, POSITION_BINS, centre_bins, load_objects, pool_objects,
-                                           train_on_attributes)
+                                             train_on_attributes)
 
 PROBED = ATTRIBUTES + ('x',)
 
