@@ -3,7 +3,7 @@
 Generates the toy world and the supervised ViT it starts from (each only if missing), pretrains a tiny ALBEF,
 evaluates zero-shot retrieval on the pretraining, fine-tunes weakly supervised grounding (as the original's Grad-CAM
 pictures come from its grounding model, refcoco.pth), writes a Grad-CAM picture of the first test referring
-expression and measures how often such maps point at the right object (benchmarks/gradcam_localisation.py). Each
+expression and measures how often such maps point at the right object (tools/toy/gradcam_localisation.py). Each
 step is the real script, run as a user would; the commands are printed so they can be re-run by hand.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # world the images whose features are closest to "the red circle" often hold a red circle too, so a hard
 # "negative" is none; not measured). Demo world, one epoch each, hard -> uniform negatives: ITM loss 0.657 ->
 # 0.466, grounding val / testA / testB 46.6 / 46.0 / 49.1 -> 50.1 / 52.7 / 50.9 %; Grad-CAM peaks
-# (benchmarks/gradcam_localisation.py) of whole expressions on an attribute-named object 62.4 -> 72.1 %, of colour
+# (tools/toy/gradcam_localisation.py) of whole expressions on an attribute-named object 62.4 -> 72.1 %, of colour
 # words 54.5 -> 54.9 %, of shape words 51.0 -> 45.4 %.
 GROUNDING_EPOCHS = 1
 GROUNDING_OPTS = {'itm_random_negatives': 1.0}
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     run([py, '-m', 'dataset.toyworld', '--out', args.toy_dir, '--seed', str(args.seed)])
     # The image tower ALBEF starts from (DeiT, trained with ImageNet labels), made the toy world's way.
-    run([py, '-m', 'dataset.toyworld_vit', '--world', args.toy_dir, '--config', 'configs/toy/Pretrain.yaml'])
+    run([py, '-m', 'dataset.toyworld.supervised_vit', '--world', args.toy_dir, '--config', 'configs/toy/Pretrain.yaml'])
     run([py, 'Pretrain.py', '--config', 'configs/toy/Pretrain.yaml', '--output_dir', f'{out}/pretrain'])
     pretrain = f'{out}/pretrain/checkpoint_last.pth'
     # Zero-shot retrieval of the pretrained model (ITC top-k re-ranked by ITM, as ALBEF ranks), no fine-tuning.
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     image, caption = pick_example(args.toy_dir)
     run([py, 'Predict.py', '--config', 'configs/toy/Grounding.yaml', '--checkpoint', checkpoint, '--image', image,
          '--caption', caption, '--out', f'{out}/gradcam.png'])
-    local = run([py, 'benchmarks/gradcam_localisation.py', '--checkpoint', checkpoint, '--world', args.toy_dir,
+    local = run([py, '-m', 'tools.toy.gradcam_localisation', '--checkpoint', checkpoint, '--world', args.toy_dir,
                  '--json'], capture=True)
     with open(f'{out}/gradcam_localisation.json', 'w') as f:
         json.dump(json.loads(local.strip().splitlines()[-1]), f, indent=1)
@@ -125,7 +125,7 @@ def report(out: str, toy_dir: str, image: str, caption: str) -> None:
               f"{bound[split]['bound']:.1f} |")
     print(f'Grad-CAM of "{caption}" on {os.path.basename(image)}: {out}/gradcam.png')
     print("Grad-CAM peak cell (its centre in the box) on the right object, held-out expressions "
-          "(%; benchmarks/gradcam_localisation.py):")
+          "(%; tools/toy/gradcam_localisation.py):")
     print('| measure | share | chance | maps |\n| --- | --- | --- | --- |')
     for key, r in localisation.items():
         value = '-' if r['value'] is None else f"{r['value']:.1f}"

@@ -9,14 +9,13 @@ RandomAugment stage alone on 256x256 crops.
 Each measurement: warm-up runs, then --repeats runs over --images images; reported as images/s (median, min, max
 over runs). Threads default to 1 (torch and OpenCV), as inside one DataLoader worker.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--images 64] [--repeats 7] [--threads 1] [--json]
+    .venv/bin/python -m benchmarks.data_pipeline [--images 64] [--repeats 7] [--threads 1] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import os
 import platform
 import statistics
 import sys
@@ -29,10 +28,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dataset.randaugment import DEFAULT_AUGS, RandomAugment  # noqa: E402
-from dataset.transforms import MEAN, STD, build_transform  # noqa: E402
+from dataset.randaugment import DEFAULT_AUGS, RandomAugment
+from dataset.transforms import MEAN, STD, build_transform
 
 FILL = (128, 128, 128)
 

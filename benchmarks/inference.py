@@ -1,7 +1,7 @@
 """Inference at full size: memory of the inference model against the training model, and folder search speed.
 
-    python benchmarks/inference.py memory [--size full|small|toy] [--image-res 384] [--json]
-    python benchmarks/inference.py search [--size full] [--image-res 384] [--images 1000] [--precision bf16] [--json]
+    python -m benchmarks.inference memory [--size full|small|toy] [--image-res 384] [--json]
+    python -m benchmarks.inference search [--size full] [--image-res 384] [--images 1000] [--precision bf16] [--json]
 
 `memory` writes a random full-size retrieval checkpoint in the released fine-tuned layout (mscoco.pth: flat,
 online weights only) and loads it, each in its own process, three ways: `models.load_model` (the inference
@@ -24,11 +24,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 # The model sizes of benchmarks/train_step.py: 'full' is ViT-B/16 + BERT-base, 'toy' the toy configs' model.
-from train_step import SIZES, build_config as train_step_config  # noqa: E402
+from benchmarks.train_step import SIZES, build_config as train_step_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_vocab(folder: str, size: int) -> str:
@@ -108,7 +107,7 @@ def run_memory(args) -> dict:
         ckpt, config = write_checkpoint(work, args.size, args.image_res)
         rows = []
         for way in ('inference', 'training', 'training+adamw'):
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), 'one', way, ckpt,
+            out = subprocess.run([sys.executable, '-m', 'benchmarks.inference', 'one', way, ckpt,
                                   os.path.join(work, 'config.json')], capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
                 raise SystemExit(f'error: measuring {way} failed: {out.stderr.strip().splitlines()[-1:]}')

@@ -1,7 +1,7 @@
 """Kill test: SIGKILL toy training at random moments, resume it each time, and compare with an uninterrupted run.
 
-    python benchmarks/kill_test.py                          # pretraining and VE fine-tuning, 20 kills each
-    python benchmarks/kill_test.py --trials 5 --tasks pretrain --keep /tmp/kill_test
+    python -m benchmarks.kill_test                          # pretraining and VE fine-tuning, 20 kills each
+    python -m benchmarks.kill_test --trials 5 --tasks pretrain --keep /tmp/kill_test
 
 For each task (Pretrain.py; VE.py, which also evaluates and keeps a best checkpoint every epoch) on a mini toy
 world with a tiny model, CPU, --deterministic, a step checkpoint after every step (--save_every_steps 1):
@@ -38,13 +38,11 @@ import tempfile
 import threading
 import time
 
+import torch
+
+import utils
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import utils  # noqa: E402
 
 STEP_LINE = re.compile(r'Train epoch \[(\d+)\]\s+\[\s*(\d+)/(\d+)\]')
 RESUMED_LINE = re.compile(r'^resumed from ')

@@ -1,8 +1,8 @@
 """Peak memory of one training step per task at full size (ViT-B/16 + BERT-base), per sample and fixed, at 256
 and 384 px, with and without gradient checkpointing; and the largest batch that would fit on 24 / 40 / 80 GB.
 
-    python benchmarks/memory_table.py                                   # every task, 256 and 384 px, fp32
-    python benchmarks/memory_table.py --tasks ve --res 384 --batches 2 6 --out output/memory.json
+    python -m benchmarks.memory_table                                   # every task, 256 and 384 px, fp32
+    python -m benchmarks.memory_table --tasks ve --res 384 --batches 2 6 --out output/memory.json
 
 Each (task, resolution, checkpointing) runs in its own process (peak RSS is per process): the task's model built
 from its released config (configs/<Task>.yaml: queue sizes, distillation) at that resolution, fused AdamW, two
@@ -24,7 +24,6 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 TASKS = {  # task -> (config file, model name)
     'pretrain': ('Pretrain.yaml', 'pretrain'),
@@ -81,7 +80,7 @@ def measure_one(task: str, image_res: int, batches: list[int], grad_checkpointin
     import models
     import utils
     from optim import create_optimizer
-    from train_step import _Tokenizer, training_step
+    from benchmarks.train_step import _Tokenizer, training_step
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     # No utils.tune_memory_allocator() here: it keeps up to 1 GB of freed memory resident, which would blur what
@@ -108,9 +107,9 @@ def measure_one(task: str, image_res: int, batches: list[int], grad_checkpointin
 
 
 def run_subprocess(task, image_res, batches, grad_checkpointing, precision, threads) -> dict:
-    argv = [sys.executable, __file__, '--one', task, str(image_res), ','.join(map(str, batches)),
-            '--precision', precision, '--threads', str(threads)] + (['--grad-checkpointing'] if grad_checkpointing
-                                                                    else [])
+    argv = [sys.executable, '-m', 'benchmarks.memory_table', '--one', task, str(image_res),
+            ','.join(map(str, batches)), '--precision', precision, '--threads', str(threads)]
+    argv += ['--grad-checkpointing'] if grad_checkpointing else []
     out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f'measurement {argv[3:]} failed:\n' + '\n'.join(out.stderr.strip().splitlines()[-5:]))

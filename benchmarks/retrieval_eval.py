@@ -1,8 +1,8 @@
 """Time a full retrieval evaluation (features + ITM re-ranking + R@K): our fast path vs. the per-query reference.
 
-    python benchmarks/retrieval_eval.py --size small --images 64 --captions 5 --k-test 16            # table
-    python benchmarks/retrieval_eval.py --size small --images 64 --captions 5 --k-test 16 --precision bf16
-    python benchmarks/retrieval_eval.py --size small --images 64 --captions 5 --k-test 16 --json     # one line
+    python -m benchmarks.retrieval_eval --size small --images 64 --captions 5 --k-test 16            # table
+    python -m benchmarks.retrieval_eval --size small --images 64 --captions 5 --k-test 16 --precision bf16
+    python -m benchmarks.retrieval_eval --size small --images 64 --captions 5 --k-test 16 --json     # one line
 
 Inputs: random images, `--captions` random captions of 6-20 words per image (each word one token, so a caption is
 [CLS] + 6-20 tokens, padded to 30 like the evaluation tokenization), a randomly initialised retrieval model of
@@ -27,11 +27,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-
-from train_step import SIZES, build_config  # noqa: E402  (the model sizes shared by the benchmarks)
+from benchmarks.train_step import SIZES, build_config  # the model sizes shared by the benchmarks
 
 TEXT_LEN = 30
 MIN_WORDS, MAX_WORDS = 6, 20

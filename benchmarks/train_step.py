@@ -1,8 +1,8 @@
 """Time one ALBEF pretraining step (zero grad, forward with alpha 0.4, backward, AdamW step) and its peak memory.
 
-    python benchmarks/train_step.py --size small --batch 16 --precision bf16          # one row, this process
-    python benchmarks/train_step.py --size small --batch 16 --compare                 # baseline vs fast, a table
-    python benchmarks/train_step.py --size full --batch 4 --grad-checkpointing --json # one JSON line
+    python -m benchmarks.train_step --size small --batch 16 --precision bf16          # one row, this process
+    python -m benchmarks.train_step --size small --batch 16 --compare                 # baseline vs fast, a table
+    python -m benchmarks.train_step --size full --batch 4 --grad-checkpointing --json # one JSON line
 
 Inputs are random images and 25-token texts. Each measurement is the median of --steps timed steps after
 --warmup untimed ones, with 2 threads. Peak memory is the process's peak RSS, so a clean comparison runs each
@@ -26,7 +26,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SIZES = {
     # ViT-B/16 + BERT-base at 256 px: the paper's model.
@@ -155,7 +154,8 @@ def header(cuda: bool) -> str:
 
 
 def run_subprocess(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv, '--json'], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, '-m', 'benchmarks.train_step', *argv, '--json'], check=True,
+                         capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,8 +1,8 @@
 """Time VQA answer ranking (model_vqa.rank_answer): questions batched per call vs one question per call.
 
-    python benchmarks/vqa_rank.py                                   # small model, 1000 answers, k 128: a table
-    python benchmarks/vqa_rank.py --k 16 --threads 1 --json         # one JSON line
-    python benchmarks/vqa_rank.py --device cuda --precision bf16 --questions 256 --repeats 5
+    python -m benchmarks.vqa_rank                                   # small model, 1000 answers, k 128: a table
+    python -m benchmarks.vqa_rank --k 16 --threads 1 --json         # one JSON line
+    python -m benchmarks.vqa_rank --device cuda --precision bf16 --questions 256 --repeats 5
 
 Model: the 'small' size of benchmarks/train_step.py (ViT 384 wide, 6 deep, 6 heads at 128 px; BERT 384 x 6 with
 fusion from layer 3; a 6-layer answer decoder; the 30522-token vocabulary), random weights, eval mode. Inputs:
@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 QUESTION_LEN = 12
 CLS, SEP = 101, 102

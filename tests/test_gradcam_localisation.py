@@ -1,4 +1,4 @@
-"""benchmarks/gradcam_localisation.py: the peak / on-object / chance arithmetic on hand-made maps, the scoring of one
+"""tools/toy/gradcam_localisation.py: the peak / on-object / chance arithmetic on hand-made maps, the scoring of one
 expression, and the whole benchmark on a mini world (a random tiny checkpoint; an oracle map that draws each
 object's box scores 100 %)."""
 import json
@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+from tools.toy import gradcam_localisation as gl
 
-import gradcam_localisation as gl  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,15 +173,15 @@ def test_benchmark_end_to_end_and_with_oracle_maps(mini):
                             gl.cells_on_boxes([e.target['box']], (8, 8), e.image_hw).astype(np.float32))
     assert all(t.report()['value'] == 100.0 for t in tallies.values() if t.n)
 
-    r = subprocess.run([sys.executable, 'benchmarks/gradcam_localisation.py', '--checkpoint', ckpt, '--world', world,
+    r = subprocess.run([sys.executable, '-m', 'tools.toy.gradcam_localisation', '--checkpoint', ckpt, '--world', world,
                         '--json', '--limit', '3'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(line) == set(gl.MEASURES) and all(set(v) == {'value', 'chance', 'n'} for v in line.values())
-    r = subprocess.run([sys.executable, 'benchmarks/gradcam_localisation.py', '--checkpoint', ckpt, '--world', world,
+    r = subprocess.run([sys.executable, '-m', 'tools.toy.gradcam_localisation', '--checkpoint', ckpt, '--world', world,
                         '--block_num', '9'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and 'outside the fusion layers' in r.stderr
-    r = subprocess.run([sys.executable, 'benchmarks/gradcam_localisation.py', '--checkpoint', ckpt + '.nope',
+    r = subprocess.run([sys.executable, '-m', 'tools.toy.gradcam_localisation', '--checkpoint', ckpt + '.nope',
                         '--world', world], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and '--checkpoint' in r.stderr
 

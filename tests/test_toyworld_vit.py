@@ -1,4 +1,4 @@
-"""The toy world's supervised image tower (dataset/toyworld_vit.py): masks, training, the weights file."""
+"""The toy world's supervised image tower (dataset/toyworld/supervised_vit.py): masks, training, the weights file."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_object_masks_cover_the_patches_inside_each_box():
-    from dataset.toyworld_vit import object_masks
+    from dataset.toyworld.supervised_vit import object_masks
     # a 20x20 box at (40, 0) of an 80 px image on a 4x4 grid covers the patch centred at (50, 10) only; a box
     # too small to hold a patch centre still gets the patch under its centre
     masks = object_masks([{'box': [40, 0, 20, 20]}, {'box': [0, 0, 3, 3]}, {'box': [0, 40, 40, 40]}], 80, 4)
@@ -21,7 +21,7 @@ def test_object_masks_cover_the_patches_inside_each_box():
 
 
 def test_train_on_attributes_moves_the_vit_and_reports_each_attribute(tmp_path):
-    from dataset.toyworld_vit import train_on_attributes
+    from dataset.toyworld.supervised_vit import train_on_attributes
     from models.vit import build_vit
     world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def test_train_on_attributes_moves_the_vit_and_reports_each_attribute(tmp_path):
 
 
 def test_centre_bins_name_the_cell_of_each_object_centre():
-    from dataset.toyworld_vit import centre_bins
+    from dataset.toyworld.supervised_vit import centre_bins
     image = {'size': [96, 96], 'objects': [{'box': [0, 0, 10, 10]}, {'box': [90, 40, 6, 20]}, {'box': [40, 88, 8, 8]}]}
     # centres (5, 5), (93, 50), (44, 92) on a 16-cell grid of 6 px cells; on a 2-cell grid, halves
     assert centre_bins(image, 16) == [{'x': 0, 'y': 0}, {'x': 15, 'y': 8}, {'x': 7, 'y': 15}]
@@ -43,7 +43,7 @@ def test_centre_bins_name_the_cell_of_each_object_centre():
 
 
 def test_position_heads_train_and_report_column_and_row(tmp_path):
-    from dataset.toyworld_vit import train_on_attributes
+    from dataset.toyworld.supervised_vit import train_on_attributes
     from models.vit import build_vit
     world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
     torch.manual_seed(0)
@@ -54,7 +54,7 @@ def test_position_heads_train_and_report_column_and_row(tmp_path):
 
 
 def test_supervised_vit_file_loads_as_vision_pretrained_and_is_reused_until_its_inputs_change(tmp_path, capsys):
-    from dataset.toyworld_vit import WEIGHTS_NAME, ensure_supervised_vit
+    from dataset.toyworld.supervised_vit import WEIGHTS_NAME, ensure_supervised_vit
     from models.pretrained import load_vision_weights
     from models.vit import build_vit
     world = generate_world(str(tmp_path / 'world'), 0, **MINI_WORLD_SIZES)
@@ -100,12 +100,12 @@ def test_supervised_vit_file_loads_as_vision_pretrained_and_is_reused_until_its_
 
 
 def test_supervised_vit_cli_names_bad_arguments(tmp_path):
-    r = subprocess.run([sys.executable, '-m', 'dataset.toyworld_vit', '--world', str(tmp_path / 'nowhere')],
+    r = subprocess.run([sys.executable, '-m', 'dataset.toyworld.supervised_vit', '--world', str(tmp_path / 'nowhere')],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and 'world.json' in r.stderr and 'nowhere' in r.stderr
-    r = subprocess.run([sys.executable, '-m', 'dataset.toyworld_vit', '--steps', '0'], cwd=ROOT,
+    r = subprocess.run([sys.executable, '-m', 'dataset.toyworld.supervised_vit', '--steps', '0'], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and '--steps 0' in r.stderr
-    r = subprocess.run([sys.executable, '-m', 'dataset.toyworld_vit', '--position-bins', '1'], cwd=ROOT,
+    r = subprocess.run([sys.executable, '-m', 'dataset.toyworld.supervised_vit', '--position-bins', '1'], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and '--position-bins 1' in r.stderr

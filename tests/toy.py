@@ -104,7 +104,7 @@ def pretrain_cached(world_dir: str, cache_root: str):
         if not os.path.isfile(os.path.join(out, 'DONE')):
             shutil.rmtree(out, ignore_errors=True)
             cfg = make_toy_config('Pretrain', world_dir, out + '.yaml')
-            from dataset.toyworld_vit import ensure_supervised_vit
+            from dataset.toyworld.supervised_vit import ensure_supervised_vit
             ensure_supervised_vit(world_dir, utils.load_config(cfg))
             Pretrain.main(['--config', cfg, '--output_dir', out, '--device', 'cpu', '--no-distributed'])
             open(os.path.join(out, 'DONE'), 'w').close()

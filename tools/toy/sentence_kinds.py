@@ -1,7 +1,7 @@
 """Toy SNLI-VE / NLVR2 accuracy by sentence kind: does the model fail where the sentence names an object's place?
 
-    python benchmarks/toy_sentence_kinds.py --task ve --checkpoint output/toy_ve/checkpoint_best.pth
-    python benchmarks/toy_sentence_kinds.py --task nlvr --checkpoint output/toy_nlvr/checkpoint_best.pth --json
+    python -m tools.toy.sentence_kinds --task ve --checkpoint output/toy_ve/checkpoint_best.pth
+    python -m tools.toy.sentence_kinds --task nlvr --checkpoint output/toy_nlvr/checkpoint_best.pth --json
 
 Runs a fine-tuned checkpoint over the split (default test) as VE.py / NLVR.py evaluate it and splits the accuracy
 by whether the sentence places an object ("the red diamond is to the right of the big green object", "the
@@ -17,11 +17,8 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dataset.toyworld import names_a_side, nlvr_statement_kind  # noqa: E402
-from report import emit, missing_input  # noqa: E402
+from dataset.toyworld import names_a_side, nlvr_statement_kind
+from tools.toy.report import emit, missing_input
 
 IMAGE_NAME = re.compile(r'\b(left|right) image\b')
 

@@ -1,7 +1,7 @@
 """Where do a toy grounding run's wrong boxes go? Splits the Grad-CAM box choices of one evaluation.
 
-    python benchmarks/toy_grounding_errors.py --world data/toyworld --maps output/toy_grounding/result/epoch0.pth
-    python benchmarks/toy_grounding_errors.py ... --json                                      # one JSON line
+    python -m tools.toy.grounding_errors --world data/toyworld --maps output/toy_grounding/result/epoch0.pth
+    python -m tools.toy.grounding_errors ... --json                                      # one JSON line
 
 `--maps` is a `result/epoch<E>.pth` file written by Grounding.py (the maps of every val/test expression, in the
 order of the config's test files: refcoco+_val.json, then refcoco+_test.json). Each map picks a box as the
@@ -20,11 +20,8 @@ import os
 import sys
 from collections import defaultdict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dataset.toyworld import names_a_side  # noqa: E402
-from report import missing_input  # noqa: E402
+from dataset.toyworld import names_a_side
+from tools.toy.report import missing_input
 
 SPLITS = ('val', 'testA', 'testB')
 OUTCOMES = ('correct', 'distractor at target', 'other object', 'background')

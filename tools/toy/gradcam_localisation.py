@@ -1,9 +1,9 @@
 """Does a toy model's Grad-CAM point at the right thing? Peak-cell localisation shares on held-out toy images.
 
-    python benchmarks/gradcam_localisation.py --checkpoint output/toy_demo/grounding/checkpoint_best.pth \
+    python -m tools.toy.gradcam_localisation --checkpoint output/toy_demo/grounding/checkpoint_best.pth \
         --world data/toyworld                       # table
-    python benchmarks/gradcam_localisation.py ... --json              # one JSON object
-    python benchmarks/gradcam_localisation.py ... --block_num 3 --limit 200
+    python -m tools.toy.gradcam_localisation ... --json              # one JSON object
+    python -m tools.toy.gradcam_localisation ... --block_num 3 --limit 200
 
 Every RefCOCO+ expression of the world's held-out splits (val, testA, testB: the val and test pools' images) gets
 ITM Grad-CAM maps (models/gradcam.py, as Predict.py draws them: one per word, word pieces merged, and one for
@@ -40,12 +40,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, 'benchmarks')):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from dataset.toyworld import COLOUR_NAMES, SHAPES, names_a_side  # noqa: E402
+from dataset.toyworld import COLOUR_NAMES, SHAPES, names_a_side
 
 MEASURES = ('colour_word', 'shape_word', 'whole_attribute_named', 'whole_position_named')
 HELD_OUT_SPLITS = ('val', 'testA', 'testB')
@@ -308,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument('--device', default='cpu')
     p.add_argument('--batch_size', default=64, type=int)
     args = p.parse_args(argv)
-    from report import missing_input
+    from tools.toy.report import missing_input
     if missing_input(((args.checkpoint, '--checkpoint'), (os.path.join(args.world, 'world.json'), '--world'))):
         return 2
     if args.limit is not None and args.limit < 1:

@@ -1,7 +1,7 @@
 """Toy VQA accuracy by question kind: which kinds of question keep a VQA run under its goal?
 
-    python benchmarks/toy_vqa_kinds.py --world data/toyworld --result output/toy_vqa/result/vqa_result.json
-    python benchmarks/toy_vqa_kinds.py ... --split train --result <answers to vqa_train.json> --json
+    python -m tools.toy.vqa_kinds --world data/toyworld --result output/toy_vqa/result/vqa_result.json
+    python -m tools.toy.vqa_kinds ... --split train --result <answers to vqa_train.json> --json
 
 The accuracy is the official VQA metric (vqaTools' VQAEval), with each question's type set to its toy kind
 (`dataset.toyworld.vqa_question_kind`: colour / shape / size of an object named by its attributes or by its
@@ -20,11 +20,8 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dataset.toyworld import VQA_QUESTION_KINDS, vqa_question_kind  # noqa: E402
-from report import emit, missing_input  # noqa: E402
+from dataset.toyworld import VQA_QUESTION_KINDS, vqa_question_kind
+from tools.toy.report import emit, missing_input
 
 
 def kind_order(kind: str) -> tuple:

@@ -1,6 +1,6 @@
 """The toy world's stand-in for the ImageNet-trained DeiT that ALBEF starts from: a supervised image tower.
 
-    python -m dataset.toyworld_vit --world data/toyworld --config configs/toy/Pretrain.yaml
+    python -m dataset.toyworld.supervised_vit --world data/toyworld --config configs/toy/Pretrain.yaml
 
 ALBEF never learns to see from image-text pairs alone: its ViT starts from DeiT weights trained with labels on
 ImageNet. The toy world has no ImageNet, so this trains the toy config's ViT (random init, the config's sizes)
@@ -15,7 +15,7 @@ Run again with the same world, sizes and steps, it does nothing (`--force` retra
 Without it, a from-scratch toy ViT learns colour but hardly shape from captions (README, "Status").
 
 Trained so, the tower's object tokens forget where the object is (a linear probe tells its centre's column no better
-than chance, `benchmarks/toy_probe.py`). `--position-bins B` adds two per-object heads for the column and row of
+than chance, `tools/toy/encoder_probe.py`). `--position-bins B` adds two per-object heads for the column and row of
 the centre on a B x B grid, so the tokens keep it (as a DeiT's do). Off by default: on the default world it did not
 lift the tasks that ask for left / right (README, "Status").
 """
@@ -28,13 +28,13 @@ import sys
 import time
 from typing import Sequence
 
-from dataset.toyworld import read_manifest, read_world
+from dataset.toyworld.world import read_manifest, read_world
 
 ATTRIBUTES = ('shape', 'colour', 'size')
 WEIGHTS_NAME = 'vit_supervised.pth'
 # Raise when the training itself changes (heads, losses, optimizer): weights made by an older recipe are retrained.
 RECIPE_VERSION = 2
-# Cells per side of the grid on which benchmarks/toy_probe.py reads an object's place: finer than the toy configs'
+# Cells per side of the grid on which tools/toy/encoder_probe.py reads an object's place: finer than the toy configs'
 # 8 x 8 patch grid, since objects that the texts call left / right of each other can be closer than a patch.
 POSITION_BINS = 16
 # The ViT sizes the weights depend on; a config that differs in any of them needs its own training.
@@ -214,7 +214,7 @@ def ensure_supervised_vit(world_dir: str, config: dict, steps: int = 1000, force
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2 with a one-line message for bad input)."""
-    p = argparse.ArgumentParser(prog='python -m dataset.toyworld_vit', description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog='python -m dataset.toyworld.supervised_vit', description=__doc__.splitlines()[0])
     p.add_argument('--world', default='data/toyworld', help='toy world folder (default data/toyworld)')
     p.add_argument('--config', default='configs/toy/Pretrain.yaml', help='config with the ViT sizes')
     p.add_argument('--steps', type=int, default=1000, help='AdamW steps of 32 images (default 1000)')

@@ -1,8 +1,8 @@
 """What does a toy checkpoint's image encoder see? Linear probes for each object's shape, colour, size and place.
 
-    python benchmarks/toy_probe.py --world data/toyworld --checkpoint output/toy_pretrain/checkpoint_last.pth
-    python benchmarks/toy_probe.py --world data/toyworld --config configs/toy/Pretrain.yaml     # random init
-    python benchmarks/toy_probe.py ... --json                                                 # one JSON line
+    python -m tools.toy.encoder_probe --world data/toyworld --checkpoint output/toy_pretrain/checkpoint_last.pth
+    python -m tools.toy.encoder_probe --world data/toyworld --config configs/toy/Pretrain.yaml     # random init
+    python -m tools.toy.encoder_probe ... --json                                                 # one JSON line
 
 For every object of the world (world.json), the feature is the mean of the ViT's last-layer patch tokens whose
 patch centre lies inside the object's box (the test transform: the image resized to image_res). A logistic
@@ -17,21 +17,17 @@ random init) for N AdamW steps directly on one attribute (`--attribute`, default
 of every object in a batch of 32 train images (and, from [CLS], which of its values each image holds), and prints
 the objects' test accuracy at a few step counts: how fast this encoder *can* learn to see the attribute when told
 directly. The same training, on all three attributes from random init, makes the toy configs' `vision_pretrained`
-weights (`python -m dataset.toyworld_vit`).
+weights (`python -m dataset.toyworld.supervised_vit`).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dataset.toyworld import read_world  # noqa: E402
-from dataset.toyworld_vit import (ATTRIBUTES, POSITION_BINS, centre_bins, load_objects, pool_objects,  # noqa: E402
-                                   train_on_attributes)
+from dataset.toyworld import read_world
+from dataset.toyworld.supervised_vit import (ATTRIBUTES, POSITION_BINS, centre_bins, load_objects, pool_objects,
+                                             train_on_attributes)
 
 PROBED = ATTRIBUTES + ('x',)
 

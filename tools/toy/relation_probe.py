@@ -1,7 +1,7 @@
 """Did a toy pretraining learn left and right? Masked-word probe on the test images' captions.
 
-    python benchmarks/toy_relation_probe.py --world data/toyworld --checkpoint output/toy_demo/pretrain/checkpoint_last.pth
-    python benchmarks/toy_relation_probe.py ... --config <config.yaml> --json
+    python -m tools.toy.relation_probe --world data/toyworld --checkpoint output/toy_demo/pretrain/checkpoint_last.pth
+    python -m tools.toy.relation_probe ... --config <config.yaml> --json
 
 In each test caption "a red circle to the left of a blue square" the word left / right is masked and the
 pretrained model's MLM head (reading the image through its fusion layers) chooses between the two: only the image
@@ -16,10 +16,7 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from report import emit, missing_input  # noqa: E402
+from tools.toy.report import emit, missing_input
 
 RELATION = re.compile(r'\bto the (left|right) of\b')
 TEXT_CUE = re.compile(r'\bfrom left to right\b')

@@ -1,9 +1,9 @@
 """Does a toy pretraining checkpoint's fusion read the image? Masked attribute words on held-out images.
 
-    python benchmarks/toy_fusion_probe.py --world data/toyworld --checkpoint output/toy_pretrain/checkpoint_last.pth
-    python benchmarks/toy_fusion_probe.py ... --json                                      # one JSON line
+    python -m tools.toy.fusion_probe --world data/toyworld --checkpoint output/toy_pretrain/checkpoint_last.pth
+    python -m tools.toy.fusion_probe ... --json                                      # one JSON line
 
-`toy_probe.py` asks what the image encoder sees; this asks what the whole pretraining model (encoder, fusion
+`encoder_probe` asks what the image encoder sees; this asks what the whole pretraining model (encoder, fusion
 layers, MLM head) reads out of an image for a word about it. For each test-pool image, its first retrieval-test
 caption is copied once per shape / colour / size word in it, with that word replaced by [MASK], and the MLM head's
 choice among the words of that attribute is scored (size: the synonyms count as one: small = little, big = large).
@@ -23,13 +23,9 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from dataset.toyworld import COLOUR_NAMES, SHAPES, SIZE_WORDS, read_world  # noqa: E402
-from dataset.toyworld_vit import object_masks  # noqa: E402
-from toy_probe import checkpoint_and_config  # noqa: E402  (benchmarks/ is not a package)
+from dataset.toyworld import COLOUR_NAMES, SHAPES, SIZE_WORDS, read_world
+from dataset.toyworld.supervised_vit import object_masks
+from tools.toy.encoder_probe import checkpoint_and_config
 
 ATTRIBUTE_WORDS = {
     'shape': SHAPES,

@@ -1,0 +1,1 @@
+"""Research tools run from the repository root as `python -m tools.<group>.<name>`."""
