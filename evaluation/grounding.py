@@ -1,4 +1,4 @@
-"""Weakly supervised grounding evaluation (spec 10.8): Grad-CAM map per referring expression, best detection
+"""Weakly supervised grounding evaluation: Grad-CAM map per referring expression, best detection
 proposal inside the map, IoU >= 0.5 with the ground-truth box, accuracy per RefCOCO+ split.
 
 Pieces, from low to high level:
@@ -15,7 +15,7 @@ Pieces, from low to high level:
   each evaluation in `<output_dir>/result/epoch<E>.pth`.
 
 Differences from the original: work is split across ranks and gathered without the DistributedSampler's padded
-duplicates (the original counted them, spec 15.13); the merged maps are saved once by rank 0 instead of one file per
+duplicates (the original counted them); the merged maps are saved once by rank 0 instead of one file per
 rank; the map grid follows image_res / patch_size instead of a hard-coded 24 x 24; the sentence map averages over
 real tokens (see models/gradcam.py); proposals outside the image are clipped.
 """

@@ -1,4 +1,4 @@
-"""VQA evaluation (spec 10.4): rank the candidate answer list for every test question, write the result file in the
+"""VQA evaluation: rank the candidate answer list for every test question, write the result file in the
 official server format, and score it with vqaTools when the split has ground-truth answers.
 
 Pieces, from low to high level:
@@ -18,11 +18,11 @@ Pieces, from low to high level:
 * `VQAEvaluator` - what VQA.py calls after training (or with --evaluate).
 
 Ranking is model_vqa's `rank_answer`, batched over the questions of a test batch and kept exactly as the original
-(including the first answer token's log-probability counted twice, spec 15.7, so released checkpoints score as
+(including the first answer token's log-probability counted twice, so released checkpoints score as
 published).
 
 Differences from the original: results are gathered in memory across ranks and each question_id is written once
-(the original's merged file repeats the questions that the sampler padded, spec 15.13), so no per-rank files are
+(the original's merged file repeats the questions that the sampler padded), so no per-rank files are
 written; accuracy is computed offline whenever ground truth is available (the original leaves scoring to the
 evaluation server).
 """

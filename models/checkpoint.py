@@ -1,8 +1,8 @@
-"""One loader for ALBEF checkpoints of every task (spec sections 5.2, 7.3, 8 and 15).
+"""One loader for ALBEF checkpoints of every task.
 
 `load_checkpoint(model, source, variant)` reads a checkpoint (path, URL or in-memory dict; wrapped in
 {'model': ...} or flat), detects which ALBEF variant produced it from its keys, rewrites it for the target
-variant with the remaps of spec 8, and then insists that the remaining differences between the checkpoint and the
+variant with the original's remaps, and then insists that the remaining differences between the checkpoint and the
 model are exactly the ones expected for that (checkpoint kind -> model variant) pair. Anything else (a checkpoint
 of another variant, another size, a truncated file) raises `CheckpointError` with the offending keys.
 
@@ -16,7 +16,7 @@ Remaps (all generalised from the hard-coded BERT-base numbers to any fusion laye
   align_corners False).
 * feature queues whose size differs from the model's are dropped (with queue_ptr), with a warning.
 * momentum (_m) modules absent from the checkpoint are filled with the loaded online weights (the original left
-  them random or at their pre-load state, spec 15.9 / 7.3).
+  them random or at their pre-load state).
 
 The pure pieces (`read_checkpoint`, `unwrap_state_dict`, `detect_kind`, `remap_state_dict`,
 `check_state_dict`, `resample_pos_embed`) work on plain dicts and need no model.
@@ -287,7 +287,7 @@ def text_layout(state_dict: Mapping, prefix: str):
 # Remaps
 # ------------------------------------------------------------------------------------------------------------
 def resample_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Resize a ViT position embedding [1, E + g^2, C] to [1, num_tokens, C] (spec 5.2).
+    """Resize a ViT position embedding [1, E + g^2, C] to [1, num_tokens, C].
 
     The model's extra (CLS) rows: E = num_tokens - n^2 for the model's square grid n; the checkpoint's grid is
     g = int(sqrt(len - E)). The E leading rows are kept; the grid is resized with bicubic interpolation,
@@ -405,7 +405,7 @@ def _nlvr_duplicate(sd, target, notes):
 def remap_state_dict(state_dict: Mapping, source_kind: str, variant: str, target: Mapping):
     """Rewrite a checkpoint state dict of `source_kind` for a model `variant` whose state dict is `target`.
 
-    `target` maps model keys to tensors (only shapes are read). Applies the pair's named remaps (spec 8), then
+    `target` maps model keys to tensors (only shapes are read). Applies the pair's named remaps, then
     resamples visual_encoder(_m).pos_embed to the model's grid and drops queues whose size differs.
     Returns (new_state_dict, notes, allowed_missing): notes describe the remaps applied; allowed_missing holds
     keys/prefixes the remaps leave legitimately unfilled. Raises CheckpointError for an unsupported pair.
@@ -577,7 +577,7 @@ def check_state_dict(state_dict: dict, target: Mapping, source_kind: str, varian
 # ------------------------------------------------------------------------------------------------------------
 def load_checkpoint(model: torch.nn.Module, source, variant: str, *, source_kind: str = 'auto',
                     allow_pickle: bool = False) -> dict:
-    """Load an ALBEF checkpoint into `model` (the `models.model_class(variant)` model), remapping as spec 8 describes.
+    """Load an ALBEF checkpoint into `model` (the `models.model_class(variant)` model), remapping as the original does.
 
     source: path, http(s) URL or an in-memory dict, with or without a 'model' wrapper.
     variant: the model's task (pretrain, retrieval, grounding, vqa, nlvr, ve, pretrain_nlvr).

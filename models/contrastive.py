@@ -16,7 +16,7 @@ def make_queue(dim, size):
 
 
 class ContrastiveMixin(MomentumMixin):
-    """The ITC/ITM body shared by the pretraining and retrieval models (spec 6.2, 6.3).
+    """The ITC/ITM body shared by the pretraining and retrieval models.
 
     `_build_contrastive` creates, in the original's order (which fixes the random initialisation and the
     state-dict keys): temp, the feature queues, the online ViT / text encoder / projections / ITM head, and the
@@ -118,7 +118,7 @@ class ContrastiveMixin(MomentumMixin):
 
 
 def itm_negative_weights(sim, not_negative, random_share=0.0):
-    """Sampling weights of ITM negatives: row b weighs the in-batch candidates for query b (spec 6.2 step 6).
+    """Sampling weights of ITM negatives: row b weighs the in-batch candidates for query b.
 
     sim [B, B]: ITC similarities of the queries to the in-batch candidates; not_negative [B, B] bool: pairs
     never drawn (the positive itself; in retrieval every caption of the same image). The original draws by
@@ -142,7 +142,7 @@ def itm_negative_weights(sim, not_negative, random_share=0.0):
 
 
 def itm_hard_negatives(model, image_embeds, text_embeds, text_atts, weights_i2t, weights_t2i):
-    """ITM logits for B positives and 2B hard negatives, and their labels (spec 6.2 step 6).
+    """ITM logits for B positives and 2B hard negatives, and their labels.
 
     For text b a negative image is drawn from weights_t2i[b]; for image b a negative text from weights_i2t[b]
     (torch.multinomial, images first). Rows: (text b, image b) x B, (text b, neg image) x B,

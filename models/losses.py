@@ -1,4 +1,4 @@
-"""Pure loss functions shared by the ALBEF variants (spec sections 6.2-6.7).
+"""Pure loss functions shared by the ALBEF variants.
 
 Everything that turns logits into a scalar runs in float32 (autocast off), so the losses are safe under bf16
 autocast: the contrastive similarities against the fp32 queues, softmaxes over 30522 classes, soft targets.
@@ -33,7 +33,7 @@ def distill_targets(sim_m, hard_targets, alpha):
 
 
 def itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i):
-    """Image-text contrastive loss: mean of the two soft cross-entropies (spec 6.2 step 4)."""
+    """Image-text contrastive loss: mean of the two soft cross-entropies."""
     return (soft_cross_entropy(sim_i2t, targets_i2t, dim=1) + soft_cross_entropy(sim_t2i, targets_t2i, dim=1)) / 2
 
 
@@ -44,7 +44,7 @@ def itm_loss(logits, labels):
 
 
 def classification_loss(prediction, targets, prediction_m=None, alpha=0.):
-    """CE, mixed with the momentum-softmax cross-entropy when prediction_m is given (NLVR2/VE, spec 6.5):
+    """CE, mixed with the momentum-softmax cross-entropy when prediction_m is given (NLVR2/VE):
     (1 - alpha) * CE(prediction, targets) - alpha * mean_b sum_c softmax(prediction_m) log_softmax(prediction)."""
     with _no_autocast(prediction):
         loss = F.cross_entropy(prediction.float(), targets)
@@ -78,7 +78,7 @@ def mlm_loss(logits, labels, soft_labels=None, alpha=0.):
 
 
 def lm_loss(logits, labels, soft_labels=None, alpha=0., reduction='none'):
-    """Causal LM loss of the VQA decoder (spec 5.3 BertLMHeadModel).
+    """Causal LM loss of the VQA decoder (as the original xbert's BertLMHeadModel).
 
     logits [B, L, V] (position t predicts token t+1), labels [B, L] with -100 ignored. The shifted token NLLs
     are computed with `reduction`; for 'none' they are summed per sequence -> [B]. soft_labels [B, L-1, V]
@@ -103,7 +103,7 @@ def lm_loss(logits, labels, soft_labels=None, alpha=0., reduction='none'):
 
 def mask_tokens(input_ids, vocab_size, mask_token_id, pad_token_id, cls_token_id, mlm_probability=0.15,
                 generator=None):
-    """BERT 80/10/10 masking as in ALBEF (spec 6.2 step 7); returns (masked_input_ids, labels).
+    """BERT 80/10/10 masking as in ALBEF; returns (masked_input_ids, labels).
 
     Positions holding [PAD] or [CLS] are never masked; other ids (including other specials) can be. Labels are
     the original ids at masked positions and -100 elsewhere. Random replacements are drawn from the whole

@@ -1,4 +1,4 @@
-"""ALBEF NLVR2 model: two images, 18-layer-rule text encoder with alternating cross-attention (spec 6.5)."""
+"""ALBEF NLVR2 model: two images, 18-layer-rule text encoder with alternating cross-attention."""
 import torch
 
 from models.classifier import MomentumClassifier

@@ -1,4 +1,4 @@
-"""ALBEF pretraining model: ITC + ITM (hard negatives) + MLM with momentum distillation (spec 6.2)."""
+"""ALBEF pretraining model: ITC + ITM (hard negatives) + MLM with momentum distillation."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""ALBEF text-assignment ("TA") pretraining for NLVR2 (spec 6.6)."""
+"""ALBEF text-assignment ("TA") pretraining for NLVR2."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class ALBEFPretrainNLVR(MomentumMixin, nn.Module):
 
     @torch.no_grad()
     def sample_pairs(self, image_embeds):
-        """Draw (first index, second index, label) per caption b with torch's RNG (spec 6.6 step 3).
+        """Draw (first index, second index, label) per caption b with torch's RNG, in the original's draw order.
 
         With prob. 2/3 one similar image j != b is drawn and the pair is (b, j) label 0 or (j, b) label 1 (half
         each); otherwise two distinct similar images (i, j), both != b, label 2.

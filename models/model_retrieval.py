@@ -1,4 +1,4 @@
-"""ALBEF retrieval / grounding fine-tuning model: ITC (idx-aware targets) + ITM (spec 6.3)."""
+"""ALBEF retrieval / grounding fine-tuning model: ITC (idx-aware targets) + ITM."""
 from functools import partial
 
 import torch

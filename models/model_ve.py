@@ -1,4 +1,4 @@
-"""ALBEF SNLI-VE model: multimodal encoder + 3-way classifier (spec 6.7)."""
+"""ALBEF SNLI-VE model: multimodal encoder + 3-way classifier."""
 from functools import partial
 
 from models.classifier import MomentumClassifier

@@ -1,4 +1,4 @@
-"""ALBEF VQA model: multimodal question encoder + causal answer decoder with answer ranking (spec 6.4)."""
+"""ALBEF VQA model: multimodal question encoder + causal answer decoder with answer ranking."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ class ALBEFVQA(MomentumMixin, nn.Module):
         return F.softmax(logits.float(), dim=1).index_select(1, answer_ids[:, 1])
 
     def rank_answer(self, question_states, question_atts, answer_ids, answer_atts, k):
-        """Original VQA ranking (spec 6.4): top-k candidates by first-token probability, re-scored by
+        """Original VQA ranking: top-k candidates by first-token probability, re-scored by
         log(first-token prob) - sequence NLL, softmax over the k, re-sorted.
 
         Kept on purpose: the first answer token's log-probability is counted twice (it is in both terms), as

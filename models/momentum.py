@@ -1,4 +1,4 @@
-"""Momentum-distillation machinery shared by the ALBEF variants (spec 6.1).
+"""Momentum-distillation machinery shared by the ALBEF variants.
 
 * `copy_params` / `momentum_update`: online -> momentum copies of (module, module_m) pairs.
 * `concat_all_gather`: all-gather along dim 0 without gradient; the identity at world size 1 or without an

@@ -1,4 +1,4 @@
-"""Initialising ALBEF's encoders from public pretrained weights (spec sections 1, 5.2, 5.3, 6.2).
+"""Initialising ALBEF's encoders from public pretrained weights.
 
 * `load_bert_weights(text_module, name_or_path)`: a Hugging Face BERT (hub name such as 'bert-base-uncased', or
   a folder written by save_pretrained) into one of our xbert modules. As the original's
@@ -197,10 +197,10 @@ def _read_vision(source: str, allow_pickle: bool):
 def load_vision_weights(visual_encoder: torch.nn.Module, source: str, *, allow_pickle: bool = False) -> dict:
     """Load pretrained ViT weights into our `visual_encoder` (models.vit.VisionTransformer).
 
-    source: 'deit_base' (DeiT-base/16 at 224 from the URL of spec 1, hash-checked, cached by torch.hub), a timm
+    source: 'deit_base' (DeiT-base/16 at 224 from the original's URL, hash-checked, cached by torch.hub), a timm
     model name (its pretrained weights), an http(s) URL, or a local .pth/.pt/.bin/.safetensors file (flat, or
     under 'model'/'state_dict'; an ALBEF checkpoint's visual_encoder.* entries also work).
-    pos_embed is resampled to the model's grid (spec 5.2); head.* (classifier) entries are dropped. Any other
+    pos_embed is resampled to the model's grid; head.* (classifier) entries are dropped. Any other
     difference (missing blocks, other width) raises CheckpointError naming the keys.
     Returns {'source', 'loaded': n, 'dropped': [keys], 'resampled': (old tokens, new tokens) or None}.
     """

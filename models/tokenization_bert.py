@@ -1,4 +1,4 @@
-"""ALBEF's tokenizer behaviour on top of transformers' fast BERT tokenizer (spec section 3).
+"""ALBEF's tokenizer behaviour on top of transformers' fast BERT tokenizer.
 
 The original encodes a single text as "[CLS] pieces" with **no trailing [SEP]**; truncation keeps at most
 max_length - 1 word pieces. Both come from the fast tokenizer itself, given a `tokenizers` post-processor whose

@@ -1,4 +1,4 @@
-"""Vision Transformer used by every ALBEF variant (spec section 5.1).
+"""Vision Transformer used by every ALBEF variant.
 
 Built from timm's `PatchEmbed` and `Block` so that the state-dict names are exactly the ones of the original
 (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`,

@@ -1,4 +1,4 @@
-"""ALBEF's BERT with fusion (cross-attention) layers, written from spec section 5.3.
+"""ALBEF's BERT with fusion (cross-attention) layers.
 
 transformers 5 cannot build a bidirectional encoder with cross-attention, so the whole stack is here, with the
 state-dict names of the original (`embeddings.*`, `encoder.layer.N.attention.self.query`, ...,
@@ -470,7 +470,7 @@ class _BertWithHead(nn.Module):
 
 
 class BertForMaskedLM(_BertWithHead):
-    """Masked LM used by pretraining (spec 5.3): loss = (1 - alpha) CE_masked + alpha distill_masked."""
+    """Masked LM used by pretraining: loss = (1 - alpha) CE_masked + alpha distill_masked."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
@@ -497,7 +497,7 @@ class BertForMaskedLM(_BertWithHead):
 
 
 class BertLMHeadModel(_BertWithHead):
-    """Causal LM (the VQA answer decoder): per-sequence summed NLL with reduction='none' (spec 5.3)."""
+    """Causal LM (the VQA answer decoder): per-sequence summed NLL with reduction='none'."""
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,

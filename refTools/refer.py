@@ -1,4 +1,4 @@
-"""REFER: the RefCOCO / RefCOCO+ / RefCOCOg / RefCLEF annotation index (spec 13.1), as Grounding.py reads it.
+"""REFER: the RefCOCO / RefCOCO+ / RefCOCOg / RefCLEF annotation index, as Grounding.py reads it.
 
 `REFER(data_root, dataset, splitBy)` loads `data_root/<dataset>/refs(<splitBy>).p` (a pickle: list of refs with
 ref_id, ann_id, image_id, category_id, split, sentences) and `data_root/<dataset>/instances.json` (COCO-style

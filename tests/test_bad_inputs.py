@@ -649,7 +649,7 @@ def test_skip_bad_images_skips_and_reports(ctx):
 
 def test_text_longer_than_max_words_is_truncated(ctx):
     """Captions longer than max_words, and (with max_words raised) longer than the tiny text encoder's 64
-    positions: truncated, in pretraining and in retrieval fine-tuning (whose spec keeps captions untruncated up
+    positions: truncated, in pretraining and in retrieval fine-tuning (where the original keeps captions untruncated up
     to that limit), instead of a crash in the position embeddings."""
     long = ' '.join(['a big red square left of a small blue circle'] * 30)  # 300 words
     _, argv = ctx.pretrain_with(lambda items: [it.update(caption=long) for it in items])

@@ -1,4 +1,4 @@
-"""models/checkpoint.py: one loader for every ALBEF checkpoint layout (spec 5.2, 7.3, 8, 15).
+"""models/checkpoint.py: one loader for every ALBEF checkpoint layout.
 
 Synthetic checkpoints are built from tiny models of the source variant and rewritten into the layouts of the
 released files (ALBEF.pth = {'model': pretrain sd}; mscoco/flickr30k/refcoco.pth = flat online-only retrieval
@@ -150,7 +150,7 @@ def _check(full_size, source_sd, kind, variant):
 
 
 def test_full_size_pairs_have_exactly_the_expected_differences(full_size):
-    """The original's full-size key sets: each released pairing differs exactly as spec 7.3 / 8 say."""
+    """The original's full-size key sets: each released pairing differs exactly as the original's scripts expect."""
     pre = full_size['pretrain']
     mlm_heads = sorted(k for k in pre if k.startswith(('text_encoder.cls.', 'text_encoder_m.cls.')))
     extras = sorted(k for k in pre if k in ('temp', 'image_queue', 'text_queue', 'queue_ptr')
@@ -320,7 +320,7 @@ def test_ta_checkpoint_to_nlvr_copies_momentum_from_loaded_weights():
     assert report['momentum_copied'] == ['cls_head_m', 'text_encoder_m', 'visual_encoder_m']
     got = snapshot(model)
     assert_same(sub(got, 'text_encoder.'), sub(src, 'text_encoder.'))
-    for prefix in ('text_encoder', 'visual_encoder', 'cls_head'):  # not random, unlike NLVR.py (spec 15.9)
+    for prefix in ('text_encoder', 'visual_encoder', 'cls_head'):  # not random, unlike the original's NLVR.py
         assert_same(sub(got, prefix + '_m.'), sub(got, prefix + '.'), prefix + '_m')
     # Shared key/value stay shared in the momentum encoder too.
     layers_m = model.text_encoder_m.encoder.layer

@@ -1,4 +1,4 @@
-"""Datasets, image/annotation loading errors, transforms, samplers/loaders and grounding helpers (spec 4, 10.8).
+"""Datasets, image/annotation loading errors, transforms, samplers/loaders and grounding helpers.
 
 Everything is built from tiny JSON files and images written into tmp_path (no toy-world generator needed).
 """
@@ -494,7 +494,7 @@ def test_worker_seeding_differs_across_workers_and_is_reproducible():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Grounding helpers (spec 10.8)
+# Grounding helpers
 # ----------------------------------------------------------------------------------------------------------------
 def test_compute_iou_inclusive_intersection_plain_union():
     assert computeIoU([0, 0, 10, 10], [0, 0, 10, 10]) == pytest.approx(1.0)

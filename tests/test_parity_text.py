@@ -39,7 +39,7 @@ def test_parity_text_fixture_covers_every_key(entries):
 
 
 def test_parity_text_rules_spelled_out():
-    # The spec's rules on inputs not in the fixture.
+    # The original's text rules on inputs not in the fixture.
     assert pre_caption('A <PERSON> walks') == 'a person walks'       # lower-case first, then the tag rule
     assert pre_question('<person> here?') == '<person> here'          # no tag rule for questions
     assert pre_caption('a\tb') == 'a\tb'                              # single tab survives

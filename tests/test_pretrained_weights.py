@@ -1,4 +1,4 @@
-"""models/pretrained.py: HF BERT and timm/DeiT ViT weights into our encoders (spec 5.2, 5.3, 6.2).
+"""models/pretrained.py: HF BERT and timm/DeiT ViT weights into our encoders.
 
 Tiny random transformers / timm models are saved to tmp_path and loaded back through our loaders; outputs must
 equal the libraries' own (<= 1e-5). Nothing is downloaded: hub names and URLs must fail fast and clearly.

@@ -1,4 +1,4 @@
-"""RandomAugment (spec 4.5): every op against a naive numpy reference, RNG draw order, N/M/augs behaviour."""
+"""RandomAugment: every op against a naive numpy reference, RNG draw order, N/M/augs behaviour."""
 import math
 
 import numpy as np
@@ -25,7 +25,7 @@ def smooth_img(seed, h=40, w=56):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Naive references (loops / plain numpy, written from the spec's formulas)
+# Naive references (loops / plain numpy, written from the original's formulas)
 # ----------------------------------------------------------------------------------------------------------------
 def ref_autocontrast(img):
     out = img.copy()

@@ -144,7 +144,7 @@ def test_training_step_forward_and_tokenization(world, tokenizer):
     assert set(losses) == {'loss_ita', 'loss_itm'} and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.itm_head.weight.grad is not None and model.temp.grad is not None
-    # Spec 3: padding longest + max_length 30 without truncation=True does not truncate.
+    # As the original's Retrieval.py: padding longest + max_length 30 without truncation=True does not truncate.
     long_caption = ' '.join(['red'] * 40)
     seen = {}
 

@@ -1,4 +1,4 @@
-"""LR schedulers: closed-form curves, every row of spec 9.3's table, exact resume, factory behaviour."""
+"""LR schedulers: closed-form curves, the original's rates for the released configs, exact resume, factory behaviour."""
 import copy
 import io
 import math
@@ -151,7 +151,7 @@ def test_plateau_mode_and_no_warmup():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Spec 9.3: the released configs driven as the scripts drive them
+# The released configs driven as the original's scripts drive them
 # ---------------------------------------------------------------------------------------------------------------
 TABLE = {
     # config: (warm-up values every 100 iterations incl. the final base lr, {epoch: lr} (printed values))

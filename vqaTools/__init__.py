@@ -1,4 +1,4 @@
-"""VQA API and accuracy (spec 12): `VQA` (official annotation/question files, `loadRes`), `VQAEval` (the accuracy
+"""VQA API and accuracy: `VQA` (official annotation/question files, `loadRes`), `VQAEval` (the accuracy
 ALBEF's evaluation helper computes, quirks included), `VQAError`, `build_answer_list`, and `vqa_accuracy`, a
 one-call wrapper.
 """

@@ -1,4 +1,4 @@
-"""The VQA API (official annotation/question JSON format) as used by ALBEF's evaluation helpers (spec 12.1).
+"""The VQA API (official annotation/question JSON format) as used by ALBEF's evaluation helpers.
 
 `VQA(annotation_file, question_file)` indexes the ground truth; `loadRes(result_file, question_file)` returns a VQA
 object holding predictions for VQAEval. Differences from the original API, all deliberate:

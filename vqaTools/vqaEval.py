@@ -1,4 +1,4 @@
-"""VQA accuracy exactly as ALBEF's copy of the VQA evaluator computes it (spec 12.2), quirks included.
+"""VQA accuracy exactly as ALBEF's copy of the VQA evaluator computes it, quirks included.
 
 The quirks are reproduced on purpose (they define the numbers ALBEF-era results were reported with):
 
