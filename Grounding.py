@@ -19,9 +19,12 @@ import engine
 import utils
 from dataset import create_dataset
 from dataset.resumable import build_train_loader
+from engine.steps import retrieval_step_fn
 from evaluation import gradcam
 from evaluation.grounding import GroundingEvaluator, load_dets
-from Retrieval import make_step_fn  # grounding trains exactly like retrieval (idx = image index)
+
+# Grounding trains exactly like retrieval (idx = image index). A module attribute, so that tests can wrap it here.
+make_step_fn = retrieval_step_fn
 
 REQUIRED = ['train_file', 'test_file', 'image_root', 'refcoco_data', 'det_file', 'bert_config', 'image_res',
             'batch_size', 'optimizer', 'schedular']

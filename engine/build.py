@@ -62,6 +62,24 @@ def build_model(task: str, config: Mapping, tokenizer, args, device: torch.devic
     return model, model_without_ddp
 
 
+def load_for_evaluation(task: str, config: Mapping, tokenizer, args, device: torch.device) -> torch.nn.Module:
+    """The `task` model with the weights of a fine-tuned `task` checkpoint (--evaluate), on `device`.
+
+    Any other checkpoint kind (a pretraining or TA checkpoint) would leave the classifier head random, so it is
+    refused with a one-line error naming the file and its kind.
+    """
+    import models
+    from models.checkpoint import load_checkpoint
+    if not args.checkpoint:
+        raise utils.UserError(f'--evaluate needs --checkpoint (a fine-tuned {task} checkpoint)')
+    model = models.create_model(task, config, tokenizer)
+    report = load_checkpoint(model, args.checkpoint, task, allow_pickle=args.unsafe_load)
+    if report['source_kind'] != task:
+        raise utils.UserError(f"--evaluate: {args.checkpoint} is a '{report['source_kind']}' checkpoint, not a "
+                              f"fine-tuned '{task}' one (its classifier head would be random); fine-tune first")
+    return model.to(device)
+
+
 def build_optimizer_and_scheduler(config: Mapping, model_without_ddp):
     """Optimizer from the YAML `optimizer:` block, scheduler from `schedular:`; returns (opt, sched, epochs)."""
     from optim import create_optimizer
