@@ -11,6 +11,7 @@ import torch
 
 from engine.errors import TrainingError
 from engine.rng import _is_int, _is_number, get_rng_state, rng_state_problem, set_rng_state
+from models.checkpoint import CheckpointError, detect_kind, dtype_mismatches, first_non_finite
 
 
 @dataclass
@@ -132,8 +133,6 @@ def check_training_state(checkpoint: Mapping, model_without_ddp, optimizer, sche
     """Raise TrainingError naming `path` and what does not match, before anything of `checkpoint` is loaded:
     the model's tensors (keys, shapes, kinds of dtype, NaN/inf), the optimizer's groups and state shapes, the
     scheduler state, train_state and the RNG states."""
-    from models.checkpoint import dtype_mismatches, first_non_finite
-
     def fail(what: str):
         raise TrainingError(f'{path}: cannot resume, {what}')
     saved, expected = checkpoint.get('model'), model_without_ddp.state_dict()
@@ -187,7 +186,6 @@ def first_non_finite_tensor(module: torch.nn.Module) -> str | None:
 def check_resume_checkpoint(checkpoint, model_without_ddp, path: str) -> None:
     """Refuse to resume from something that is not a training checkpoint of this model, with one line that says
     what it is instead (model weights only, another task's checkpoint, a model built with other options)."""
-    from models.checkpoint import CheckpointError, detect_kind
     lacking = [k for k in ('model', 'optimizer', 'lr_scheduler', 'epoch')
                if not isinstance(checkpoint, Mapping) or k not in checkpoint]
     if lacking:
