@@ -16,16 +16,15 @@ import os
 import sys
 
 import engine
-# Imported for the config checks they declare (utils.config), which prepare_run applies to the config:
-import models  # noqa: F401
-import optim  # noqa: F401
-import scheduler  # noqa: F401
 import utils
 from dataset import create_dataset
 from dataset.resumable import build_train_loader
-from evaluation.grounding import GroundingEvaluator, load_dets
+from engine.steps import retrieval_step_fn
 from models import gradcam
-from Retrieval import make_step_fn  # grounding trains exactly like retrieval (idx = image index)
+from evaluation.grounding import GroundingEvaluator, load_dets
+
+# Grounding trains exactly like retrieval (idx = image index). A module attribute, so that tests can wrap it here.
+make_step_fn = retrieval_step_fn
 
 REQUIRED = ['train_file', 'test_file', 'image_root', 'refcoco_data', 'det_file', 'bert_config', 'image_res',
             'batch_size', 'optimizer', 'schedular']

@@ -22,7 +22,7 @@ import models  # noqa: F401
 import optim  # noqa: F401
 import scheduler  # noqa: F401
 import utils
-from evaluation import classification
+from engine import classification, steps
 
 CLASS_NAMES = ('False', 'True')  # label 0 / 1 of nlvr_dataset
 
@@ -44,7 +44,7 @@ def _inputs(batch, tokenizer, device, max_tokens):
 # make_step_fn(tokenizer, device, max_tokens) and make_predict_fn(tokenizer, device, max_tokens, precision):
 # the shared factories bound to this script's batch layout (`_inputs`). Module attributes, so that tests and
 # callers can use or replace them here; main() looks them up at call time.
-make_step_fn = functools.partial(classification.make_step_fn, _inputs)
+make_step_fn = functools.partial(steps.classification_step_fn, _inputs)
 make_predict_fn = functools.partial(classification.make_predict_fn, _inputs)
 
 

@@ -15,6 +15,7 @@ import scheduler  # noqa: F401
 import utils
 from dataset import create_dataset
 from dataset.resumable import build_train_loader
+from engine.steps import caption_step_fn
 
 
 # ITM draws the negative of each pair from the other pairs of the batch (so does ITC's in-batch contrast).
@@ -27,19 +28,8 @@ def get_args_parser():
     return utils.one_line_errors(parser)
 
 
-def make_step_fn(tokenizer, device, max_tokens=25, pass_alpha=True):
-    """Batch (images, captions) -> the model's losses (captions truncated to `max_tokens`).
-
-    `pass_alpha=False` for models without distillation (text-assignment pretraining).
-    """
-    def step(model, batch, alpha):
-        images, captions = batch
-        text = tokenizer(list(captions), padding='longest', truncation=True, max_length=max_tokens,
-                         return_tensors='pt')
-        extra = {'alpha': alpha} if pass_alpha else {}
-        return model(images.to(device, non_blocking=True), text.input_ids.to(device),
-                     text.attention_mask.to(device), **extra)
-    return step
+# Batch (images, captions) -> ITC, ITM and MLM losses. A module attribute, so that tests can wrap it here.
+make_step_fn = caption_step_fn
 
 
 def main(argv=None):

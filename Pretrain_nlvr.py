@@ -17,9 +17,9 @@ import models  # noqa: F401
 import optim  # noqa: F401
 import scheduler  # noqa: F401
 import utils
-from Pretrain import make_step_fn as caption_step_fn
 from dataset import create_dataset
 from dataset.resumable import build_train_loader
+from engine.steps import caption_step_fn
 
 MIN_BATCH = 3  # the "neither" label needs two images other than the caption's own
 

@@ -25,9 +25,9 @@ import scheduler  # noqa: F401
 import utils
 from dataset import DataError, create_dataset, create_loader
 from dataset.resumable import build_train_loader
+from engine.steps import retrieval_step_fn
 from evaluation.retrieval import IMAGE_STATE_PLACES, SCORE_MODES, RetrievalEvaluator
 
-TRAIN_MAX_TOKENS = 30
 # ITM draws the negative of each pair from the other pairs (of other images) of the batch.
 MIN_BATCH = {'batch_size_train': (2, 'for retrieval training (ITM draws the negatives of each pair from the rest of '
                                      'the batch)')}
@@ -49,22 +49,9 @@ def get_args_parser():
     return utils.one_line_errors(parser)
 
 
-def make_step_fn(tokenizer, device, max_tokens=TRAIN_MAX_TOKENS, position_limit=None):
-    """Batch (images, captions, image indices) -> {'loss_ita', 'loss_itm'}.
-
-    Captions: padding longest with max_length 30 but no truncation flag, so nothing is truncated (spec 3) - up to
-    `position_limit` tokens (the text encoder's max_position_embeddings), where a longer caption would crash
-    the position embeddings: such a batch is tokenized again, truncated to the limit.
-    """
-    def step(model, batch, alpha):
-        images, captions, idx = batch
-        text = tokenizer(list(captions), padding='longest', max_length=max_tokens, return_tensors='pt')
-        if position_limit is not None and text.input_ids.size(1) > position_limit:
-            text = tokenizer(list(captions), padding='longest', truncation=True, max_length=position_limit,
-                             return_tensors='pt')
-        return model(images.to(device, non_blocking=True), text.input_ids.to(device), text.attention_mask.to(device),
-                     idx.to(device, non_blocking=True), alpha=alpha)
-    return step
+# Batch (images, captions, image indices) -> {'loss_ita', 'loss_itm'}. A module attribute, so that tests can use
+# or wrap it here.
+make_step_fn = retrieval_step_fn
 
 
 def check_image_ids(train_set) -> None:

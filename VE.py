@@ -19,7 +19,7 @@ import optim  # noqa: F401
 import scheduler  # noqa: F401
 import utils
 from dataset.ve_dataset import LABELS
-from evaluation import classification
+from engine import classification, steps
 
 CLASS_NAMES = tuple(sorted(LABELS, key=LABELS.get))  # contradiction 0, neutral 1, entailment 2
 
@@ -41,7 +41,7 @@ def _inputs(batch, tokenizer, device, max_tokens):
 # make_step_fn(tokenizer, device, max_tokens) and make_predict_fn(tokenizer, device, max_tokens, precision):
 # the shared factories bound to this script's batch layout (`_inputs`). Module attributes, so that tests and
 # callers can use or replace them here; main() looks them up at call time.
-make_step_fn = functools.partial(classification.make_step_fn, _inputs)
+make_step_fn = functools.partial(steps.classification_step_fn, _inputs)
 make_predict_fn = functools.partial(classification.make_predict_fn, _inputs)
 
 

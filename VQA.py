@@ -28,7 +28,7 @@ import scheduler  # noqa: F401
 import utils
 from dataset import create_dataset, vqa_collate_fn
 from dataset.resumable import build_train_loader
-from evaluation.classification import build_eval_loaders, load_for_evaluation
+from evaluation.common import build_eval_loaders
 from evaluation.vqa import VQAEvaluator, answer_coverage, check_question_ids, report_coverage
 
 QUESTION_TOKENS = 25  # training questions: padding longest, truncation, max_length 25 (spec 3)
@@ -82,7 +82,7 @@ def main(argv=None):
     workers = config.get('num_workers', 4)
     test_loader = build_eval_loaders([test_set], config['batch_size_test'], workers)[0]
     if args.evaluate:
-        model = model_without_ddp = load_for_evaluation('vqa', config, tokenizer, args, device)
+        model = model_without_ddp = engine.load_for_evaluation('vqa', config, tokenizer, args, device)
     else:
         model, model_without_ddp = engine.build_model('vqa', config, tokenizer, args, device, resume=args.resume)
     max_tokens = model_without_ddp.text_encoder.config.max_position_embeddings

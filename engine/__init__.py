@@ -12,13 +12,17 @@ Modules, from low to high level:
 * `rng` - RNG states saved in and restored from checkpoints;
 * `state` - TrainState, building, checking and restoring a training checkpoint;
 * `guard` - RunGuard (SIGTERM, failed writes), guarded checkpoint and log writes, data loader worker failures;
-* `build` - tokenizer, model, optimizer and scheduler from the config, and the state of a --resume run;
-* `loop` - EngineConfig, one epoch, `fit` over epochs, and `train`, what a task script calls.
+* `build` - tokenizer, model, optimizer and scheduler from the config, the state of a --resume run, and the
+  fine-tuned model that --evaluate scores;
+* `loop` - EngineConfig, one epoch, `fit` over epochs, and `train`, what a task script calls;
+* `steps` - step functions shared by several task scripts (caption, retrieval, classification batches);
+* `classification` - the recipe of the classification fine-tuning scripts (NLVR.py, VE.py).
 
-The names below are the engine's public interface; import them from `engine`.
+The names below are the engine's public interface; import them from `engine` (`steps` and `classification`
+are imported as modules by the scripts that use them).
 """
 from engine.build import (DDP_BUCKET_CAP_MB, build_model, build_optimizer_and_scheduler, build_tokenizer,
-                          epoch_count, resume_training)
+                          epoch_count, load_for_evaluation, resume_training)
 from engine.errors import TrainingError
 from engine.guard import (EXIT_TERMINATED, RunGuard, append_log_line, describe_os_error, next_batch, os_error_in,
                           save_checkpoint_file, worker_death_error)
@@ -32,7 +36,8 @@ __all__ = [
     'DDP_BUCKET_CAP_MB', 'EXIT_TERMINATED', 'EngineConfig', 'RunGuard', 'StepFn', 'TrainState', 'TrainingError',
     'append_log_line', 'autocast', 'build_checkpoint', 'build_model', 'build_optimizer_and_scheduler',
     'build_tokenizer', 'check_resume_checkpoint', 'check_resume_config', 'check_training_state', 'describe_os_error',
-    'engine_config', 'epoch_count', 'fit', 'first_non_finite_tensor', 'get_rng_state', 'next_batch', 'os_error_in',
+    'engine_config', 'epoch_count', 'fit', 'first_non_finite_tensor', 'get_rng_state', 'load_for_evaluation',
+    'next_batch', 'os_error_in',
     'resume_training', 'restore_training', 'rng_state_problem', 'save_checkpoint_file', 'set_rng_state', 'train',
     'train_one_epoch', 'worker_death_error',
 ]

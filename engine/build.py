@@ -1,5 +1,6 @@
 """Building what a task script trains: tokenizer, model (initialised, frozen where asked, wrapped in DDP),
-optimizer and scheduler from the config, and the restored state of a --resume run."""
+optimizer and scheduler from the config, the restored state of a --resume run, and the fine-tuned model that
+--evaluate scores."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,15 @@ from typing import Mapping
 
 import torch
 
+import models
 import utils
 from engine.errors import TrainingError
 from engine.guard import RunGuard
 from engine.state import TrainState, check_resume_checkpoint, check_resume_config, restore_training
+from models.checkpoint import load_checkpoint, read_checkpoint
+from models.pretrained import apply_pretrained
+from optim import create_optimizer
+from scheduler import create_scheduler
 
 
 def epoch_count(schedular_cfg: Mapping) -> int:
@@ -19,9 +25,9 @@ def epoch_count(schedular_cfg: Mapping) -> int:
     return int(math.ceil(schedular_cfg['epochs']))
 
 
-
 def build_tokenizer(config: Mapping):
     """The tokenizer named by config['text_encoder'] (hub name or local folder), original single-text format."""
+    # Imported here: transformers takes seconds to import, which only the callers that build a tokenizer pay.
     from models.tokenization_bert import BertTokenizer
     return BertTokenizer.from_pretrained(config.get('text_encoder', 'bert-base-uncased'))
 
@@ -36,9 +42,6 @@ def build_model(task: str, config: Mapping, tokenizer, args, device: torch.devic
     With `resume` the weights come later from the run's own checkpoint (see `resume_training`).
     Returns (model, model_without_ddp).
     """
-    import models
-    from models.checkpoint import load_checkpoint
-    from models.pretrained import apply_pretrained
     model = models.create_model(task, config, tokenizer)
     if args.checkpoint and not resume:
         report = load_checkpoint(model, args.checkpoint, task, allow_pickle=args.unsafe_load)
@@ -62,10 +65,24 @@ def build_model(task: str, config: Mapping, tokenizer, args, device: torch.devic
     return model, model_without_ddp
 
 
+def load_for_evaluation(task: str, config: Mapping, tokenizer, args, device: torch.device) -> torch.nn.Module:
+    """The `task` model with the weights of a fine-tuned `task` checkpoint (--evaluate), on `device`.
+
+    Any other checkpoint kind (a pretraining or TA checkpoint) would leave the classifier head random, so it is
+    refused with a one-line error naming the file and its kind.
+    """
+    if not args.checkpoint:
+        raise utils.UserError(f'--evaluate needs --checkpoint (a fine-tuned {task} checkpoint)')
+    model = models.create_model(task, config, tokenizer)
+    report = load_checkpoint(model, args.checkpoint, task, allow_pickle=args.unsafe_load)
+    if report['source_kind'] != task:
+        raise utils.UserError(f"--evaluate: {args.checkpoint} is a '{report['source_kind']}' checkpoint, not a "
+                              f"fine-tuned '{task}' one (its classifier head would be random); fine-tune first")
+    return model.to(device)
+
+
 def build_optimizer_and_scheduler(config: Mapping, model_without_ddp):
     """Optimizer from the YAML `optimizer:` block, scheduler from `schedular:`; returns (opt, sched, epochs)."""
-    from optim import create_optimizer
-    from scheduler import create_scheduler
     optimizer = create_optimizer(utils.AttrDict(config['optimizer']), model_without_ddp)
     lr_scheduler, _ = create_scheduler(utils.AttrDict(config['schedular']), optimizer)
     return optimizer, lr_scheduler, epoch_count(config['schedular'])
@@ -80,7 +97,6 @@ def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_sche
     """
     if not args.resume:
         return TrainState()
-    from models.checkpoint import read_checkpoint
     path = args.checkpoint or os.path.join(args.output_dir, 'checkpoint_last.pth')
     if not os.path.isfile(path):
         raise TrainingError(f'--resume: no checkpoint to resume from at {path}')

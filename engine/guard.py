@@ -9,6 +9,7 @@ import threading
 from typing import Mapping
 
 import utils
+from dataset.utils import unwrap_worker_error
 from engine.errors import TrainingError
 from engine.state import TrainState
 
@@ -158,7 +159,6 @@ def next_batch(iterator, loader):
     try:
         return next(iterator)
     except utils.UserError as e:
-        from dataset.utils import unwrap_worker_error
         clean = unwrap_worker_error(e)
         if clean is None:
             raise

@@ -19,6 +19,7 @@ from engine.guard import RunGuard, append_log_line, next_batch, save_checkpoint_
 from engine.precision import autocast
 from engine.state import TrainState, build_checkpoint, first_non_finite_tensor
 from optim import optimizer_needs_create_graph
+from scheduler import PlateauLRScheduler
 
 StepFn = Callable[[torch.nn.Module, object, float], Mapping[str, torch.Tensor]]
 
@@ -106,7 +107,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn: StepFn, device
 
 def _step_scheduler(scheduler, t: int, config: Mapping, last_record: Mapping) -> None:
     """Epoch-level scheduler step; a plateau schedule also gets last epoch's `schedular.eval_metric` value."""
-    from scheduler import PlateauLRScheduler
     if not isinstance(scheduler, PlateauLRScheduler):
         scheduler.step(t)
         return

@@ -12,6 +12,8 @@ from engine.errors import TrainingError
 
 
 def get_rng_state() -> dict:
+    """The states of torch's, numpy's and python's generators (and CUDA's when present), as tensors, ints and
+    lists that torch.load(weights_only=True) reads back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss = random.getstate()
     state = {'torch': torch.get_rng_state(),
@@ -23,11 +25,13 @@ def get_rng_state() -> dict:
     return state
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """Whether `x` is an int (a bool is not)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
+    """Whether `x` is an int or a float (a bool is not)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -51,18 +55,18 @@ def rng_state_problem(state) -> str | None:
         return "'numpy.keys' must be an int64 tensor of 624 values"
     if bool((keys < 0).any()) or bool((keys >= 2 ** 32).any()):
         return "'numpy.keys' holds values outside 0 .. 2**32 - 1"
-    if not _is_int(n['pos']) or not 0 <= n['pos'] <= 624:
+    if not is_int(n['pos']) or not 0 <= n['pos'] <= 624:
         return f"'numpy.pos' must be an int in 0 .. 624, got {n['pos']!r:.40}"
-    if not _is_int(n['has_gauss']) or not _is_number(n['cached_gaussian']):
+    if not is_int(n['has_gauss']) or not is_number(n['cached_gaussian']):
         return "'numpy.has_gauss' must be an int and 'numpy.cached_gaussian' a number"
     p = state['python']
     if not isinstance(p, Mapping) or any(k not in p for k in ('version', 'state', 'gauss')):
         return "'python' must be a dict with version, state and gauss"
     ps = p['state']
-    if not _is_int(p['version']) or not isinstance(ps, (list, tuple)) or len(ps) != 625 \
-            or not all(_is_int(v) and 0 <= v < 2 ** 32 for v in ps) or ps[-1] > 624:
+    if not is_int(p['version']) or not isinstance(ps, (list, tuple)) or len(ps) != 625 \
+            or not all(is_int(v) and 0 <= v < 2 ** 32 for v in ps) or ps[-1] > 624:
         return "'python' must hold an int version and a state of 625 ints (random.getstate())"
-    if p['gauss'] is not None and not _is_number(p['gauss']):
+    if p['gauss'] is not None and not is_number(p['gauss']):
         return f"'python.gauss' must be a number or null, got {p['gauss']!r:.40}"
     cuda = state.get('cuda')
     if cuda is not None and not (isinstance(cuda, (list, tuple))

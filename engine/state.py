@@ -10,7 +10,8 @@ from typing import Mapping
 import torch
 
 from engine.errors import TrainingError
-from engine.rng import _is_int, _is_number, get_rng_state, rng_state_problem, set_rng_state
+from engine.rng import is_int, is_number, get_rng_state, rng_state_problem, set_rng_state
+from models.checkpoint import CheckpointError, detect_kind, dtype_mismatches, first_non_finite
 
 
 @dataclass
@@ -108,17 +109,17 @@ def _optimizer_problem(saved, optimizer, model) -> str | None:
 def _train_state_problem(checkpoint: Mapping) -> str | None:
     ts = checkpoint.get('train_state')
     if ts is None:
-        return None if _is_int(checkpoint.get('epoch')) else \
+        return None if is_int(checkpoint.get('epoch')) else \
             f"entry 'epoch' must be an int, got {checkpoint.get('epoch')!r:.40}"
     if not isinstance(ts, Mapping):
         return f"entry 'train_state' must be a dict, got {type(ts).__name__}"
     for key in ('epoch', 'step_in_epoch', 'global_step'):
         if key not in ts:
             return f"entry 'train_state' has no key {key!r}"
-        if not _is_int(ts[key]) or ts[key] < 0:
+        if not is_int(ts[key]) or ts[key] < 0:
             return f"entry 'train_state' key {key!r} must be an int >= 0, got {ts[key]!r:.40}"
-    for key, ok in (('best', lambda v: v is None or (_is_number(v) and math.isfinite(v))),
-                    ('best_epoch', lambda v: v is None or (_is_int(v) and v >= 0))):
+    for key, ok in (('best', lambda v: v is None or (is_number(v) and math.isfinite(v))),
+                    ('best_epoch', lambda v: v is None or (is_int(v) and v >= 0))):
         if key not in ts:
             return f"entry 'train_state' has no key {key!r}"
         if not ok(ts[key]):
@@ -132,8 +133,6 @@ def check_training_state(checkpoint: Mapping, model_without_ddp, optimizer, sche
     """Raise TrainingError naming `path` and what does not match, before anything of `checkpoint` is loaded:
     the model's tensors (keys, shapes, kinds of dtype, NaN/inf), the optimizer's groups and state shapes, the
     scheduler state, train_state and the RNG states."""
-    from models.checkpoint import dtype_mismatches, first_non_finite
-
     def fail(what: str):
         raise TrainingError(f'{path}: cannot resume, {what}')
     saved, expected = checkpoint.get('model'), model_without_ddp.state_dict()
@@ -165,7 +164,7 @@ def check_training_state(checkpoint: Mapping, model_without_ddp, optimizer, sche
         fail(f"entry 'lr_scheduler' must be a dict of settings, got {type(sched).__name__}")
     current = scheduler.state_dict() if hasattr(scheduler, 'state_dict') else {}
     for k, v in current.items():
-        if k in sched and _is_number(v) and not (_is_number(sched[k]) or sched[k] is None):
+        if k in sched and is_number(v) and not (is_number(sched[k]) or sched[k] is None):
             fail(f"entry 'lr_scheduler' key {k!r} must be a number, got {sched[k]!r:.40}")
     problem = _train_state_problem(checkpoint)
     if problem is not None:
@@ -187,7 +186,6 @@ def first_non_finite_tensor(module: torch.nn.Module) -> str | None:
 def check_resume_checkpoint(checkpoint, model_without_ddp, path: str) -> None:
     """Refuse to resume from something that is not a training checkpoint of this model, with one line that says
     what it is instead (model weights only, another task's checkpoint, a model built with other options)."""
-    from models.checkpoint import CheckpointError, detect_kind
     lacking = [k for k in ('model', 'optimizer', 'lr_scheduler', 'epoch')
                if not isinstance(checkpoint, Mapping) or k not in checkpoint]
     if lacking:

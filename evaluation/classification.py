@@ -1,7 +1,7 @@
 """The classification evaluator shared by NLVR.py and VE.py: accuracy and per-class accuracy over a loader.
 
 The original's NLVR2 / SNLI-VE `evaluate` averages batch accuracies weighted by batch size on every rank and
-all-reduces them, so the items that DistributedSampler repeats to even out the shards are counted twice (spec 15.13).
+all-reduces them, so the items that DistributedSampler repeats to even out the shards are counted twice.
 Here every rank records the dataset index of each item it predicted (read from the loader's batch sampler), the
 (index, prediction, target) triples are gathered from all ranks, and each index is counted once. At world size 1
 without a process group the gather is a no-op.
@@ -13,28 +13,24 @@ Pieces, from low to high level:
   (evaluation/common.py);
 * `accuracy_metrics` - accuracy, per-class accuracy and the confusion matrix of predictions vs. targets;
 * `evaluate` - the three above, gathered across ranks;
-* `build_eval_loaders` (evaluation/common.py), `EpochEvaluator`, `load_for_evaluation` - what a task script
-  needs to evaluate named splits every epoch (or once, with --evaluate) and to write the readable results file;
-* `get_args_parser`, `make_step_fn`, `make_predict_fn`, `run_task` - the whole command line of a classification
-  fine-tuning script, which only supplies its batch layout (an `inputs_fn`) and its class names.
+* `build_eval_loaders` (evaluation/common.py), `EpochEvaluator` - what a task script needs to evaluate named
+  splits every epoch (or once, with --evaluate) and to write the readable results file.
+
+The fine-tuning recipe of NLVR.py and VE.py (command line, step and predict functions, `run_task`) is
+`engine.classification`.
 """
 from __future__ import annotations
 
-import argparse
-import os
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 import utils
-from evaluation.common import ResultsFile, batch_indices, build_eval_loaders, merge_shards
+from evaluation.common import ResultsFile, batch_indices, merge_shards
 
 # predict_fn(model, batch) -> (logits [B, C], targets [B]); it moves the batch to the model's device itself.
 PredictFn = Callable[[torch.nn.Module, object], tuple]
-# inputs_fn(batch, tokenizer, device, max_tokens) -> (images, input_ids, attention_mask, targets) on `device`;
-# the one thing in which NLVR's and VE's batches differ (NLVR stacks its two images into one tensor).
-InputsFn = Callable[[object, object, torch.device, int], tuple]
 
 
 @torch.no_grad()
@@ -144,97 +140,3 @@ class EpochEvaluator:
     def finish(self, best_epoch: int | None) -> None:
         """Add the best epoch (by validation accuracy, chosen by engine.fit) and its metrics to the results file."""
         self.file.finish(best_epoch)
-
-
-def load_for_evaluation(task: str, config: Mapping, tokenizer, args, device: torch.device) -> torch.nn.Module:
-    """The `task` model with the weights of a fine-tuned `task` checkpoint (--evaluate), on `device`.
-
-    Any other checkpoint kind (a pretraining or TA checkpoint) would leave the classifier head random, so it is
-    refused with a one-line error naming the file and its kind.
-    """
-    import models
-    from models.checkpoint import load_checkpoint
-    if not args.checkpoint:
-        raise utils.UserError(f'--evaluate needs --checkpoint (a fine-tuned {task} checkpoint)')
-    model = models.create_model(task, config, tokenizer)
-    report = load_checkpoint(model, args.checkpoint, task, allow_pickle=args.unsafe_load)
-    if report['source_kind'] != task:
-        raise utils.UserError(f"--evaluate: {args.checkpoint} is a '{report['source_kind']}' checkpoint, not a "
-                              f"fine-tuned '{task}' one (its classifier head would be random); fine-tune first")
-    return model.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The command line of NLVR.py and VE.py
-# ----------------------------------------------------------------------------------------------------------------
-def get_args_parser(title: str, default_config: str, default_output: str, label: str) -> argparse.ArgumentParser:
-    """The arguments of a classification fine-tuning script: the common ones of `utils.get_parent_parser` plus
-    --evaluate. `label` names the task in the --evaluate help."""
-    parser = argparse.ArgumentParser(title, parents=[utils.get_parent_parser(default_config, default_output)])
-    parser.add_argument('--evaluate', action='store_true',
-                        help=f'only evaluate --checkpoint (a fine-tuned {label} checkpoint) on val and test')
-    return parser
-
-
-def make_step_fn(inputs_fn: InputsFn, tokenizer, device: torch.device, max_tokens: int):
-    """engine.fit's step_fn: batch -> {'loss'}, the model's classification cross-entropy with distillation."""
-    def step(model, batch, alpha):
-        images, ids, mask, targets = inputs_fn(batch, tokenizer, device, max_tokens)
-        return model(images, ids, mask, targets, alpha=alpha)
-    return step
-
-
-def make_predict_fn(inputs_fn: InputsFn, tokenizer, device: torch.device, max_tokens: int,
-                    precision: str) -> PredictFn:
-    """The evaluator's predict_fn: (model, batch) -> (fp32 logits [B, C], targets), under `precision`'s autocast."""
-    import engine  # local, like `dataset` and `models` above: importing the evaluator alone stays light
-
-    def predict(model, batch):
-        images, ids, mask, targets = inputs_fn(batch, tokenizer, device, max_tokens)
-        with engine.autocast(device, precision):
-            return model.predict(images, ids, mask).float(), targets
-    return predict
-
-
-def run_task(task: str, args, config: Mapping, device: torch.device, *, class_names: Sequence[str],
-             train_batch_size: int, eval_batch_size: int, make_step_fn: Callable, make_predict_fn: Callable,
-             save_epoch_checkpoints: bool):
-    """main() of a classification fine-tuning script after its arguments and config are checked.
-
-    With args.evaluate: evaluates the fine-tuned --checkpoint on val and test once, appends the record (with the
-    checkpoint path) to log.txt and returns it. Otherwise: fine-tunes with engine.fit, evaluating val and test
-    after every epoch (best checkpoint by val_acc), completes results.json with the best epoch and returns the
-    final TrainState. `make_step_fn(tokenizer, device, max_tokens)` and `make_predict_fn(tokenizer, device,
-    max_tokens, precision)` are the script's own factories, so that tests and callers can still swap them there.
-    `save_epoch_checkpoints` keeps checkpoint_XX.pth of every epoch (NLVR) or only best and last (VE).
-    """
-    import engine
-    from dataset import create_dataset
-    from dataset.resumable import build_train_loader
-
-    tokenizer = engine.build_tokenizer(config)
-    train_set, val_set, test_set = create_dataset(task, config)
-    workers = config.get('num_workers', 4)
-    val_loader, test_loader = build_eval_loaders([val_set, test_set], eval_batch_size, workers)
-    if args.evaluate:
-        model = model_without_ddp = load_for_evaluation(task, config, tokenizer, args, device)
-    else:
-        model, model_without_ddp = engine.build_model(task, config, tokenizer, args, device, resume=args.resume)
-    max_tokens = model_without_ddp.text_encoder.config.max_position_embeddings
-    predict_fn = make_predict_fn(tokenizer, device, max_tokens, config.get('precision', 'fp32'))
-    evaluator = EpochEvaluator(model_without_ddp, {'val': val_loader, 'test': test_loader}, predict_fn,
-                               class_names, os.path.join(args.output_dir, 'results.json'), resume=args.resume,
-                               print_freq=config.get('print_freq', 50))
-    if args.evaluate:
-        record = evaluator.record(evaluator.run('evaluate'))
-        if utils.is_main_process():
-            utils.append_json_line(os.path.join(args.output_dir, 'log.txt'), {**record, 'checkpoint': args.checkpoint})
-        return record
-
-    loader = build_train_loader(train_set, train_batch_size, workers, args.seed)
-    state = engine.train(args, config, model, model_without_ddp, loader, make_step_fn(tokenizer, device, max_tokens),
-                         device, evaluate_fn=evaluator, best_metric='val_acc',
-                         save_epoch_checkpoints=save_epoch_checkpoints)
-    evaluator.finish(state.best_epoch)
-    print(f'best epoch: {state.best_epoch}', flush=True)
-    return state
