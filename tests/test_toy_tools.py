@@ -223,7 +223,8 @@ def test_toy_sentence_kinds_splits_the_evaluators_accuracy_by_kind(task, tmp_pat
     import utils
     from dataset import create_dataset
     from engine import build_tokenizer
-    from evaluation.classification import build_eval_loaders, evaluate
+    from evaluation.classification import evaluate
+    from evaluation.common import build_eval_loaders
     from dataset.toyworld import nlvr_statement_kind
     from tests.toy import generate_world, mini_config
     script = importlib.import_module({'ve': 'VE', 'nlvr': 'NLVR'}[task])

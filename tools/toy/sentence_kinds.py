@@ -54,7 +54,8 @@ def run(task: str, checkpoint: str, config_path: str, split: str = 'test') -> di
     import utils
     from dataset import create_dataset
     from engine import build_tokenizer
-    from evaluation.classification import build_eval_loaders, collect_predictions
+    from evaluation.classification import collect_predictions
+    from evaluation.common import build_eval_loaders
     from models.checkpoint import load_checkpoint
     script = importlib.import_module({'ve': 'VE', 'nlvr': 'NLVR'}[task])
     config = utils.load_config(config_path)
