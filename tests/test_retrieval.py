@@ -2,7 +2,6 @@
 loop (tests/retrieval_reference.py; also split over two simulated ranks), R@K on hand-made score matrices, CLI
 outputs and errors, toy learning."""
 import json
-import os
 import warnings
 
 import numpy as np
@@ -321,26 +320,3 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse refuses an unknown score mode
         Retrieval.main(base + ['--output_dir', str(tmp_path / 'c'), '--score', 'best'])
     assert "invalid choice: 'best'" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Learning (slow): toy pretraining (shared fixture) -> retrieval fine-tuning -> test R@1 far above chance
-# ------------------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.goal
-def test_toy_retrieval_learns(toy_world, toy_pretrain, tmp_path):
-    import Retrieval
-    from tests.toy import make_toy_config
-    cfg = make_toy_config('Retrieval', toy_world, str(tmp_path / 'Retrieval.yaml'))
-    out = tmp_path / 'out'
-    Retrieval.main(['--config', cfg, '--output_dir', str(out), '--device', 'cpu', '--no-distributed',
-                    '--checkpoint', os.path.join(toy_pretrain, 'checkpoint_last.pth')])
-    results = json.loads((out / 'retrieval_test_metrics.json').read_text())
-    test = results['test']
-    from dataset.toyworld import retrieval_ceiling
-    best = retrieval_ceiling(toy_world, 'test')  # many captions are true of several images
-    print(f"toy retrieval: best epoch {results['best_epoch']}, test TR@1 {test['txt_r1']:.1f} "
-          f"IR@1 {test['img_r1']:.1f} r_mean {test['r_mean']:.1f} (best possible on this world: TR@1 "
-          f"{best['txt_r1']:.1f}, IR@1 {best['img_r1']:.1f})")
-    # Chance: R@1 = 1/150 images (IR) and about 5/750 captions (TR), i.e. < 1 %.
-    assert test['txt_r1'] >= 50 and test['img_r1'] >= 50
