@@ -23,6 +23,7 @@ from dataset.grounding_dataset import grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset
 from dataset.transforms import MEAN, STD, build_transform
 from dataset.utils import DataError, pre_caption, pre_question
+from utils import ConfigError
 from dataset.ve_dataset import ve_dataset
 from dataset.vqa_dataset import vqa_dataset
 
@@ -36,7 +37,6 @@ DATASET_NAMES = ('pretrain', 're', 'vqa', 'nlvr', 've', 'grounding', 'nlvr_pretr
 
 def _require(config: Mapping, key: str, name: str):
     if key not in config or config[key] in (None, ''):
-        from utils import ConfigError
         raise ConfigError(f"config key '{key}' is required for dataset '{name}'")
     return config[key]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dataset.utils import DataError
 from utils import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -86,7 +87,6 @@ class FolderIndex:
     def build(cls, model, folder: str, cache_dir: str | None = None, batch_size: int = 32,
               progress: bool = True) -> 'FolderIndex':
         """Embed the images of `folder` (or read them from the cache; `cache_dir=''` disables it)."""
-        from dataset.utils import DataError
         folder = os.path.abspath(folder)
         paths = list_images(folder)
         cache_file = None

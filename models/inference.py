@@ -29,6 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# dataset, optim and scheduler declare the checks of their config blocks when imported: an embedded config is
+# checked in full.
+import dataset  # noqa: F401
+import optim  # noqa: F401
+import scheduler  # noqa: F401
+import utils
+from dataset.transforms import MEAN, STD, build_transform
+from dataset.utils import open_image_rgb, pre_caption, pre_question
 from models import gradcam
 from utils import ConfigError, UserError
 
@@ -87,11 +95,6 @@ def default_config(kind: str, source: str) -> str:
 
 def _kind_and_config(obj, source: str, config, text_encoder, image_res):
     """(checkpoint kind, resolved config dict) for a read checkpoint object."""
-    import utils
-    # dataset, optim and scheduler declare the checks of their blocks when imported: a config is checked in full.
-    import dataset  # noqa: F401
-    import optim  # noqa: F401
-    import scheduler  # noqa: F401
     from models.checkpoint import detect_kind, unwrap_state_dict
     sd, _ = unwrap_state_dict(obj, source)
     kind = detect_kind(sd)
@@ -158,7 +161,6 @@ def load_model(checkpoint, *, config=None, text_encoder: str | None = None, devi
     """
     import models
     from models.checkpoint import load_checkpoint, read_checkpoint
-    import utils
     if precision not in PRECISIONS:
         raise ConfigError(f'load_model: precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     source = checkpoint if isinstance(checkpoint, dict) else os.fspath(checkpoint)
@@ -188,7 +190,6 @@ class InferenceModel:
 
     def __init__(self, model, config: dict, tokenizer, device: torch.device, *, task: str, kind: str,
                  precision: str = 'fp32', source: str | None = None):
-        from dataset.transforms import build_transform
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -240,7 +241,6 @@ class InferenceModel:
     def load_image(self, image):
         """(RGB PIL image or None, transformed tensor [3, R, R]) for one image input."""
         from PIL import Image
-        from dataset.utils import open_image_rgb
         if torch.is_tensor(image):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise UserError(f'image tensor must be [3, R, R] (already transformed), got {tuple(image.shape)}')
@@ -269,7 +269,6 @@ class InferenceModel:
 
     def normalise_text(self, text: str, where: str = 'text') -> str:
         """The text as the model reads it (lower case, no punctuation, at most max_words words)."""
-        from dataset.utils import pre_caption
         if not isinstance(text, str):
             raise UserError(f'{where} must be a string, got {type(text).__name__}')
         out = pre_caption(text, self.max_words)
@@ -386,7 +385,6 @@ class InferenceModel:
     @torch.no_grad()
     def answer_scores(self, image, question: str, answer_list, k: int = 128, top: int = 5) -> list[tuple[str, float]]:
         """The `top` answers with their probabilities (over the k candidates re-ranked, as the original ranks)."""
-        from dataset.utils import pre_question
         self._require('answer')
         answers = _read_answer_list(answer_list)
         # Normalised as VQA.py's test questions are (at most 50 words).
@@ -446,7 +444,6 @@ def _read_answer_list(answer_list) -> list[str]:
 
 def _denormalise(tensor: torch.Tensor) -> np.ndarray:
     """A transformed image tensor [3, R, R] back to RGB uint8 [R, R, 3] (for pictures of tensor inputs)."""
-    from dataset.transforms import MEAN, STD
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
     img = (tensor.detach().float().cpu() * std + mean).clamp(0, 1)

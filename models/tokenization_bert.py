@@ -11,6 +11,8 @@ import torch
 from tokenizers.processors import TemplateProcessing
 from transformers import BertTokenizerFast
 
+from utils import UserError
+
 PADDING = (True, False, None, 'longest', 'max_length', 'do_not_pad')
 
 
@@ -55,7 +57,6 @@ class BertTokenizer:
         special tokens (transformers builds such an empty tokenizer for some misspelled names), which would
         otherwise train on [UNK] alone.
         """
-        from utils import UserError
         kwargs.setdefault('model_max_length', 512)
         try:
             hf = BertTokenizerFast.from_pretrained(name_or_folder, **kwargs)
