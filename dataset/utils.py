@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import operator
 import os
 import re
 import stat
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
+from dataset.index_cache import cached_arrays
 from utils import UserError, unwrap_worker_error, worker_error_message  # noqa: F401 (re-exported)
 
 
@@ -157,23 +159,53 @@ def as_file_list(ann_file, what: str = 'annotation file') -> list[str]:
 class Annotations:
     """The concatenated items of one or more JSON annotation files, remembering where each item came from.
 
-    Provenance is stored as per-file start offsets (not per item) so 14M-item pretraining lists stay cheap.
+    Items are kept packed, not as Python objects: per file, one byte buffer holding every item as compact JSON and
+    an int64 array of item offsets into it (memory-mapped from an index file for large inputs, see
+    dataset.index_cache). Memory stays close to the raw bytes, and DataLoader workers forked from the process
+    share the buffers: no per-item reference count is touched, so copy-on-write never copies them. Indexing
+    decodes one item into a fresh dict (a few microseconds). Provenance is per-file start offsets.
     Behaves as a read-only list of dicts.
     """
 
-    def __init__(self, items: list, files: list[str], starts: list[int]):
-        self.items = items
+    def __init__(self, parts: Sequence[tuple[np.ndarray, Any]], files: list[str], starts: list[int]):
+        self.parts = [(np.asarray(offsets, dtype=np.int64), data) for offsets, data in parts]
         self.files = files
         self.starts = starts
+        self._n = starts[-1] + len(self.parts[-1][0]) - 1 if parts else 0
+
+    @classmethod
+    def from_items(cls, items: Sequence[Mapping], files: list[str] | None = None,
+                   starts: list[int] | None = None) -> 'Annotations':
+        """Pack in-memory items (one pseudo-file named '<items>' unless `files`/`starts` say otherwise)."""
+        files = files or ['<items>']
+        starts = starts or [0]
+        bounds = list(starts) + [len(items)]
+        return cls([pack_items(items[bounds[k]:bounds[k + 1]]) for k in range(len(files))], files, list(starts))
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self._n
 
     def __getitem__(self, index):
-        return self.items[index]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        index = operator.index(index)
+        if index < 0:
+            index += self._n
+        if not 0 <= index < self._n:
+            raise IndexError(f'annotation index {index} out of range ({self._n} items)')
+        k = bisect.bisect_right(self.starts, index) - 1
+        offsets, data = self.parts[k]
+        i = index - self.starts[k]
+        return json.loads(bytes(data[offsets[i]:offsets[i + 1]]))
 
     def __iter__(self):
-        return iter(self.items)
+        for i in range(self._n):
+            yield self[i]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed items and their offsets."""
+        return sum(o.nbytes + len(d) for o, d in self.parts)
 
     def origin(self, index: int) -> tuple[str, int]:
         """(annotation file, index inside that file) of global item `index`."""
@@ -186,46 +218,91 @@ class Annotations:
         return f'{f} item {i}'
 
 
+# ASCII escapes: every item round-trips through bytes, even strings holding lone surrogates from JSON escapes.
+_PACK = json.JSONEncoder(ensure_ascii=True, separators=(',', ':'), allow_nan=True).encode
+
+
+def pack_items(items: Sequence) -> tuple[np.ndarray, bytes]:
+    """(offsets [n+1] int64, bytes) holding each item as compact JSON: item i is data[offsets[i]:offsets[i+1]]."""
+    pieces = [_PACK(item).encode('ascii') for item in items]
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=offsets[1:])
+    return offsets, b''.join(pieces)
+
+
+def check_items(data, path: str, required: Mapping[str, Any], check: Callable[[dict, str], None] | None) -> None:
+    """Validate the parsed content of one annotation file (see load_annotations); DataError names the item."""
+    if not isinstance(data, list):
+        raise DataError(f'{path}: expected a JSON list of objects, got {type(data).__name__}')
+    if not data:
+        raise DataError(f'{path}: the annotation list is empty')
+    checks = [(key, types if isinstance(types, tuple) else (types,)) for key, types in required.items()]
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise DataError(f'{path} item {i}: expected an object, got {type(item).__name__}')
+        for key, ok_types in checks:
+            if key not in item:
+                raise DataError(f'{path} item {i}: missing key {key!r}')
+            value = item[key]
+            # bool is an int subclass: never accept it where a number is meant.
+            if isinstance(value, bool) and bool not in ok_types:
+                ok = False
+            else:
+                ok = isinstance(value, ok_types)
+            if ok and isinstance(value, list):
+                ok = all(isinstance(v, str) for v in value)
+            if not ok:
+                raise DataError(f'{path} item {i}: key {key!r} must be {_type_name(ok_types)}'
+                                f'{" of strings" if list in ok_types else ""}, got {brief(value)}')
+        if check is not None:
+            check(item, f'{path} item {i}')
+
+
+def _load_packed(path: str, required: Mapping[str, Any], what: str, check, index_tag: str | None):
+    """(offsets, data) of one checked annotation file, from its index file when one is valid."""
+    def build():
+        data = read_json_file(path, what)
+        check_items(data, path, required, check)
+        offsets, packed = pack_items(data)
+        del data
+        return {'offsets': offsets, 'data': np.frombuffer(packed, dtype=np.uint8)}
+
+    if index_tag is None and check is not None:  # checks we cannot name: never reuse a stored result
+        arrays = build()
+    else:
+        # Open it first: a missing, special or unreadable file gets its usual message even when indexed.
+        try:
+            check_regular_file(path, what)
+            with open(path, 'rb'):
+                pass
+        except (FileNotFoundError, DataError, OSError, ValueError):
+            arrays = build()  # read_json_file words the error
+        else:
+            tag = f'annotations-1 {sorted((k, _type_name(v)) for k, v in required.items())} {index_tag}'
+            arrays = cached_arrays(path, tag, build)
+    return arrays['offsets'], arrays['data']
+
+
 def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotation file',
-                     check: Callable[[dict, str], None] | None = None) -> Annotations:
+                     check: Callable[[dict, str], None] | None = None, *,
+                     index_tag: str | None = None) -> Annotations:
     """Load and validate JSON annotation file(s) (one path or a list, concatenated in order).
 
     Each file must hold a non-empty JSON list of objects; every object must have the keys of `required` with
     values of the given type(s) (`list` means a list of strings). `check(item, where)` may add task-specific
     checks and raise DataError. Errors name the file, the item index, the key and the expected type.
+    `index_tag` names what `check` depends on (its parameters): with it, a large file's checked and packed items
+    are stored in an index file and reused while the file is unchanged (dataset.index_cache); without it a
+    `check` makes every load parse and check again.
     """
     files = as_file_list(ann_file, what)
-    items: list = []
-    starts: list[int] = []
+    parts, starts, n = [], [], 0
     for path in files:
-        data = read_json_file(path, what)
-        if not isinstance(data, list):
-            raise DataError(f'{path}: expected a JSON list of objects, got {type(data).__name__}')
-        if not data:
-            raise DataError(f'{path}: the annotation list is empty')
-        for i, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise DataError(f'{path} item {i}: expected an object, got {type(item).__name__}')
-            for key, types in required.items():
-                if key not in item:
-                    raise DataError(f'{path} item {i}: missing key {key!r}')
-                value = item[key]
-                ok_types = types if isinstance(types, tuple) else (types,)
-                # bool is an int subclass: never accept it where a number is meant.
-                if isinstance(value, bool) and bool not in ok_types:
-                    ok = False
-                else:
-                    ok = isinstance(value, ok_types)
-                if ok and isinstance(value, list):
-                    ok = all(isinstance(v, str) for v in value)
-                if not ok:
-                    raise DataError(f'{path} item {i}: key {key!r} must be {_type_name(types)}'
-                                    f'{" of strings" if list in ok_types else ""}, got {brief(value)}')
-            if check is not None:
-                check(item, f'{path} item {i}')
-        starts.append(len(items))
-        items.extend(data)
-    return Annotations(items, files, starts)
+        offsets, data = _load_packed(path, required, what, check, index_tag)
+        parts.append((offsets, data))
+        starts.append(n)
+        n += len(offsets) - 1
+    return Annotations(parts, files, starts)
 
 
 def read_json_file(path: str, what: str = 'annotation file'):
