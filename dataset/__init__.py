@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from dataset.grounding_dataset import grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset
+from dataset.shards import ShardDataset, is_shard_spec
 from dataset.transforms import MEAN, STD, build_transform, side_mirror
 from dataset.utils import DataError, pre_caption, pre_question
 from dataset.ve_dataset import ve_dataset
@@ -29,7 +30,7 @@ from dataset.vqa_dataset import vqa_dataset
 __all__ = ['DataError', 'create_dataset', 'create_sampler', 'create_loader', 'vqa_collate_fn', 'worker_init_fn',
            'build_transform', 'pre_caption', 'pre_question', 'MEAN', 'STD', 'DATASET_NAMES',
            'pretrain_dataset', 're_train_dataset', 're_eval_dataset', 'vqa_dataset', 'nlvr_dataset', 've_dataset',
-           'grounding_dataset']
+           'grounding_dataset', 'ShardDataset']
 
 DATASET_NAMES = ('pretrain', 're', 'vqa', 'nlvr', 've', 'grounding', 'nlvr_pretrain')
 
@@ -47,8 +48,9 @@ def create_dataset(name: str, config: Mapping):
     Returns: 'pretrain' / 'nlvr_pretrain' -> one dataset; 're', 'nlvr', 've' -> (train, val, test);
     'vqa', 'grounding' -> (train, test).
     Config keys: train_file / val_file / test_file (a path or a list of paths), image_root, vqa_root, vg_root,
-    answer_list, image_res; optional augment (see dataset.transforms.build_transform; `hflip: swap_sides` gives the
-    training sets a MirrorSwappingSides), max_words (default 30), eos (VQA, default '[SEP]'), image_root for pretrain
+    answer_list, image_res (pretraining's train_file entries may also name webdataset tar shards, brace notation
+    allowed: see dataset.shards); optional augment (see dataset.transforms.build_transform; `hflip: swap_sides`
+    gives the training sets a MirrorSwappingSides), max_words (default 30), eos (VQA, default '[SEP]'), image_root for pretrain
     (default '': paths used as given), skip_bad_images (training sets only; default False) and
     allow_absolute_paths (default False, True for pretraining).
     """
@@ -67,6 +69,12 @@ def create_dataset(name: str, config: Mapping):
     req = lambda key: _require(config, key, name)  # noqa: E731
 
     if name in ('pretrain', 'nlvr_pretrain'):
+        train_file = req('train_file')
+        if any(is_shard_spec(f) for f in ([train_file] if isinstance(train_file, str) else train_file)):
+            return ShardDataset(train_file, build_transform('pretrain', res, augment), max_words,
+                                image_root=config.get('image_root', '') or '',
+                                allow_absolute_paths=bool(config.get('allow_absolute_paths', True)),
+                                skip_bad_images=skip, mirror=mirror)
         return pretrain_dataset(req('train_file'), build_transform('pretrain', res, augment), max_words,
                                 image_root=config.get('image_root', '') or '',
                                 allow_absolute_paths=bool(config.get('allow_absolute_paths', True)),

@@ -7,6 +7,7 @@ a bad file or a bad item always produces a one-line `DataError` that names the a
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import operator
 import os
@@ -435,16 +436,7 @@ def open_image_rgb(path: str, where: str = '') -> Image.Image:
     if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a FIFO blocks Image.open forever
         raise DataError(f'{prefix}image path is not a regular file (a named pipe, socket or device): {path}')
     try:
-        img = Image.open(path)
-        try:
-            img.load()  # decode now so errors surface here; Pillow closes a single-frame file after load()
-            out = _to_rgb(img)
-        except BaseException:
-            img.close()
-            raise
-        if out is not img:
-            img.close()  # free the unconverted copy (and the file of multi-frame formats)
-        return out
+        return _decode_rgb(path)
     except FileNotFoundError:
         raise DataError(f'{prefix}image file not found: {path}') from None
     except IsADirectoryError:
@@ -452,8 +444,36 @@ def open_image_rgb(path: str, where: str = '') -> Image.Image:
     except Image.DecompressionBombError as e:
         raise DataError(f'{prefix}image too large: {path} ({e})') from None
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f'{prefix}cannot read image {path} ({msg})') from None
+        raise DataError(f'{prefix}cannot read image {path} ({_first_line(e)})') from None
+
+
+def decode_image_rgb(data: bytes, name: str, where: str = '') -> Image.Image:
+    """Decode an image held in memory (a tar member) as 8-bit RGB, or raise DataError naming `name` and `where`."""
+    prefix = f'{where}: ' if where else ''
+    try:
+        return _decode_rgb(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DataError(f'{prefix}image too large: {name} ({e})') from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f'{prefix}cannot read image {name} ({_first_line(e)})') from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _decode_rgb(source) -> Image.Image:
+    """Image.open + full decode + _to_rgb, closing what it opened on failure (errors propagate as PIL raises)."""
+    img = Image.open(source)
+    try:
+        img.load()  # decode now so errors surface here; Pillow closes a single-frame file after load()
+        out = _to_rgb(img)
+    except BaseException:
+        img.close()
+        raise
+    if out is not img:
+        img.close()  # free the unconverted copy (and the file of multi-frame formats)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
