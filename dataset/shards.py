@@ -3,11 +3,11 @@
 A `train_file` entry ending in `.tar` names shards, brace notation allowed (`/data/cc3m/{00000..00331}.tar`,
 expanded with braceexpand). A shard holds samples as consecutive members sharing a key: `KEY.jpg` (or .jpeg,
 .png, .webp) and the caption in `KEY.txt` or as `caption` (a string or a list of strings) of `KEY.json`. Members
-are split into samples and parsed with the webdataset library (`tar_file_iterator`, `group_by_keys`).
+are split into samples by webdataset's rules (`base_plus_ext` keys, `group_by_keys`).
 
-Reading: once per shard, its headers are scanned for the byte range of every sample (an int64 array kept in an
-index file beside the shard while it is unchanged, see dataset.index_cache). A sample is then one positioned read
-(`os.pread`) of its bytes, so `ShardDataset` is an ordinary indexable dataset: the order (shards shuffled per
+Reading: once per shard, its headers are scanned (tarfile) for where every sample's members lie (flat arrays
+kept in an index file beside the shard while it is unchanged, see dataset.index_cache). A sample is then one
+positioned read (`os.pread`) of its bytes, cut into members and grouped by webdataset's `group_by_keys`, so `ShardDataset` is an ordinary indexable dataset: the order (shards shuffled per
 epoch, split into contiguous ranges across ranks, a seeded shuffle buffer within the range) comes from
 `dataset.resumable.BlockOrderSampler`, and exact resume, per-sample augmentation seeds and the bad-image policy
 work as for JSON files. JSON entries of the same list become further samples after the shard samples, ordered in
@@ -15,16 +15,16 @@ blocks of JSON_BLOCK consecutive items.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
+import re
 import tarfile
 
 import numpy as np
 from braceexpand import braceexpand
 from torch.utils.data import Dataset
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from dataset.caption_dataset import pretrain_dataset
 from dataset.index_cache import cached_arrays
@@ -52,25 +52,36 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
-def scan_shard(path: str) -> np.ndarray:
-    """Byte offsets [n+1] of a shard's samples: sample i is bytes offsets[i]:offsets[i+1] (its members' headers
-    and data, consecutive members with the same key, as webdataset groups them)."""
-    starts, last_key = [], None
+_META = re.compile(r'__[^/]*__($|/)')  # webdataset's skip_meta: members such as __index__ are no sample's
+
+
+def scan_shard(path: str) -> dict[str, np.ndarray]:
+    """Where a shard's samples and members lie, so that reading one needs no tar parsing:
+    sample i is members first_member[i] .. first_member[i+1]-1 (consecutive members sharing a key, as webdataset
+    groups them); member j's data is `size[j]` bytes at `data_offset[j]`, its name bytes
+    names[name_offsets[j]:name_offsets[j+1]] (UTF-8)."""
+    first, offsets, sizes, names, last_key = [], [], [], [], None
     try:
         with tarfile.open(path, mode='r:') as tar:
             for member in tar:
                 key, _ = base_plus_ext(member.name)
-                if key is None or not member.isreg():
-                    continue  # webdataset skips these too; their bytes stay inside the neighbouring sample
+                if key is None or not member.isreg() or _META.match(member.name):
+                    continue  # webdataset skips these too
                 if key != last_key:
-                    starts.append(member.offset)
+                    first.append(len(offsets))
                     last_key = key
-            end = tar.offset  # just past the last member (the end-of-archive blocks follow)
+                offsets.append(member.offset_data)
+                sizes.append(member.size)
+                names.append(member.name.encode('utf-8', 'surrogateescape'))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f'shard {path}: not a readable tar file ({_first_line(e)})') from None
-    if not starts:
+    if not first:
         raise DataError(f'shard {path}: holds no samples (members named KEY.jpg, KEY.txt, ...)')
-    return np.asarray(starts + [end], dtype=np.int64)
+    name_offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum([len(n) for n in names], out=name_offsets[1:])
+    return {'first_member': np.asarray(first + [len(offsets)], dtype=np.int64),
+            'data_offset': np.asarray(offsets, dtype=np.int64), 'size': np.asarray(sizes, dtype=np.int64),
+            'name_offsets': name_offsets, 'names': np.frombuffer(b''.join(names), dtype=np.uint8)}
 
 
 def _first_line(e: BaseException) -> str:
@@ -94,11 +105,10 @@ class ShardDataset(ImageDatasetBase, Dataset):
                  allow_absolute_paths: bool = True, skip_bad_images: bool = False, mirror=None):
         entries = as_file_list(train_files, 'train_file')
         self.shards: list[str] = [p for e in entries if is_shard_spec(e) for p in expand_shards(e)]
-        offsets = [cached_arrays(p, 'shard-index-1', lambda p=p: {'offsets': scan_shard(p)})['offsets']
-                   for p in self.shards]
-        counts = np.asarray([len(o) - 1 for o in offsets], dtype=np.int64)
+        # per shard; memory-mapped from index files for large shards
+        self.index = [cached_arrays(p, 'shard-index-2', lambda p=p: scan_shard(p)) for p in self.shards]
+        counts = np.asarray([len(ix['first_member']) - 1 for ix in self.index], dtype=np.int64)
         self.shard_first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first sample of each shard
-        self.sample_offsets = offsets  # per shard; memory-mapped for indexed shards
         json_files = [e for e in entries if not is_shard_spec(e)]
         # The JSON part opens, mirrors and transforms its items; the bad-image policy is ours, over all indices.
         self.json_part = (pretrain_dataset(json_files, transform, max_words, image_root=image_root,
@@ -145,22 +155,26 @@ class ShardDataset(ImageDatasetBase, Dataset):
         return fd
 
     def read_sample(self, index: int) -> dict:
-        """The raw members of shard sample `index` as webdataset groups them: {'__key__', 'jpg': bytes, ...}."""
+        """The raw members of shard sample `index` as webdataset groups them: {'__key__', 'jpg': bytes, ...}.
+        One positioned read of the sample's bytes; the index says where each member's data lies in them."""
         k = int(np.searchsorted(self.shard_first, index, side='right')) - 1
-        path, i = self.shards[k], index - int(self.shard_first[k])
-        offsets = self.sample_offsets[k]
-        start, end = int(offsets[i]), int(offsets[i + 1])
+        path, i, ix = self.shards[k], index - int(self.shard_first[k]), self.index[k]
+        j0, j1 = int(ix['first_member'][i]), int(ix['first_member'][i + 1])
+        offsets, sizes = ix['data_offset'][j0:j1].tolist(), ix['size'][j0:j1].tolist()
+        name_offsets, names = ix['name_offsets'][j0:j1 + 1].tolist(), ix['names']
+        start, end = offsets[0], offsets[-1] + sizes[-1]
         where = f'{path} sample {i}'
+        blob = os.pread(self._fd(path), end - start, start)
+        if len(blob) != end - start:
+            raise DataError(f'{where}: the shard is shorter than when it was indexed ({len(blob)} of {end - start} '
+                            f'bytes at offset {start})')
+        members = [{'fname': bytes(names[name_offsets[m]:name_offsets[m + 1]]).decode('utf-8', 'surrogateescape'),
+                    'data': blob[off - start:off - start + size], '__url__': path}
+                   for m, (off, size) in enumerate(zip(offsets, sizes))]
         try:
-            blob = os.pread(self._fd(path), end - start, start)
-            if len(blob) != end - start:
-                raise EOFError(f'shard shorter than its index ({len(blob)} of {end - start} bytes read at {start})')
-            members = ({**m, '__url__': path} for m in tar_file_iterator(io.BytesIO(blob)))
             samples = list(group_by_keys(members))
-        except DataError:
-            raise
-        except Exception as e:  # tarfile and webdataset raise various types for damaged members
-            raise DataError(f'{where}: damaged tar member ({_first_line(e)})') from None
+        except ValueError as e:  # a key with two members of the same extension
+            raise DataError(f'{where}: {_first_line(e)}') from None
         if len(samples) != 1:
             raise DataError(f'{where}: expected the members of one sample, found {len(samples)} samples')
         return samples[0]

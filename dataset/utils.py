@@ -219,13 +219,29 @@ class Annotations:
         return f'{f} item {i}'
 
 
-# ASCII escapes: every item round-trips through bytes, even strings holding lone surrogates from JSON escapes.
-_PACK = json.JSONEncoder(ensure_ascii=True, separators=(',', ':'), allow_nan=True).encode
+def _item_encoder() -> Callable[[Any], bytes]:
+    """Compact JSON bytes of one item. ASCII escapes, so every item round-trips through bytes, even strings
+    holding lone surrogates from JSON escapes. json.dumps builds a new C encoder per call, which costs more than
+    encoding a small item: build it once (falling back to json.dumps where the C encoder is unavailable)."""
+    c_make_encoder = getattr(json.encoder, 'c_make_encoder', None)
+    if c_make_encoder is not None:
+        try:
+            # markers=None: no cycle check (parsed JSON has no cycles); allow_nan as json.load accepts NaN.
+            encode = c_make_encoder(None, None, json.encoder.encode_basestring_ascii, None, ':', ',', False, False,
+                                    True)
+            if ''.join(encode({'a': [1, 'b\u00e9']}, 0)) == '{"a":[1,"b\\u00e9"]}':
+                return lambda item: ''.join(encode(item, 0)).encode('ascii')
+        except TypeError:  # another Python's signature
+            pass
+    return lambda item: json.dumps(item, separators=(',', ':')).encode('ascii')
+
+
+_PACK = _item_encoder()
 
 
 def pack_items(items: Sequence) -> tuple[np.ndarray, bytes]:
     """(offsets [n+1] int64, bytes) holding each item as compact JSON: item i is data[offsets[i]:offsets[i+1]]."""
-    pieces = [_PACK(item).encode('ascii') for item in items]
+    pieces = [_PACK(item) for item in items]
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=offsets[1:])
     return offsets, b''.join(pieces)
