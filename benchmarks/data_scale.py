@@ -11,7 +11,10 @@ Each measurement runs in a fresh process (so memory and start-up are its own):
   item checked as pretrain_dataset checks it (built here, for the comparison);
 * compact (cold): dataset.utils.Annotations with no index file yet (parse, check, pack, write the index);
 * compact (warm): the same file again (the index file is mapped);
-* JSON + loose files / tar shards: --shard_samples samples, through the same loader.
+* JSON + loose files / tar shards: --shard_samples samples, through the same loader (the shards twice: the
+  first run scans them and writes their index files, the second maps those);
+* baseline: the list-of-dicts store of a JSON of a few hundred items: what the processes hold without a large
+  annotation store (the runtime: torch, the loader), subtracted in the 'above baseline' column.
 
 Start-up = building the dataset. Then a DataLoader with --workers forked workers, shuffled by the training
 sampler (dataset.resumable.build_train_loader; the shards get its BlockOrderSampler), iterates --batches batches
@@ -70,7 +73,8 @@ def write_json(path: str, images: list[str], n: int) -> None:
     with open(path, 'w', encoding='utf-8') as f:
         f.write('[')
         for start in range(0, n, 100_000):
-            chunk = [{'image': images[i % len(images)], 'caption': caption(i)} for i in range(start, min(n, start + 100_000))]
+            chunk = [{'image': images[i % len(images)], 'caption': caption(i)}
+                     for i in range(start, min(n, start + 100_000))]
             f.write((',' if start else '') + json.dumps(chunk)[1:-1])
         f.write(']')
 
@@ -173,6 +177,8 @@ def measure(kind: str, source: str, workers: int, batches: int, batch_size: int,
 
 
 def run_child(kind: str, source: str, args) -> dict:
+    if args.in_process:
+        return measure(kind, source, args.workers, args.batches, args.batch_size, args.image_res)
     cmd = [sys.executable, os.path.abspath(__file__), '--_measure', kind, source, '--workers', str(args.workers),
            '--batches', str(args.batches), '--batch_size', str(args.batch_size), '--image_res', str(args.image_res)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -185,18 +191,22 @@ def run_child(kind: str, source: str, args) -> dict:
 # Report
 # ----------------------------------------------------------------------------------------------------------------
 def table(results: dict) -> str:
-    rows = [('store / format', 'items', 'start-up s', 'PSS main+workers MiB', 'images/s')]
+    base = results['runs']['baseline (tiny JSON)']['pss_mib']
+    rows = [('store / format', 'items', 'start-up s', 'PSS main+workers MiB', 'above baseline MiB', 'images/s')]
     for name, r in results['runs'].items():
-        rows.append((name, f"{r['items']:,}", f"{r['startup_s']:.2f}", f"{r['pss_mib']:.0f}", f"{r['images_per_s']:.0f}"))
+        rows.append((name, f"{r['items']:,}", f"{r['startup_s']:.2f}", f"{r['pss_mib']:.0f}",
+                     f"{r['pss_mib'] - base:.0f}", f"{r['images_per_s']:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, '  '.join('-' * w for w in widths))
     r = results['ratios']
     lines.append('')
-    lines.append(f"compact (warm) / list-of-dicts: PSS {r['pss_warm']:.2f}x, start-up {r['startup_warm']:.2f}x; "
-                 f"compact (cold) / list-of-dicts: PSS {r['pss_cold']:.2f}x, start-up {r['startup_cold']:.2f}x")
-    lines.append(f"tar shards / loose files: {r['shards_vs_loose']:.2f}x images/s")
+    lines.append(f"compact (warm) / list-of-dicts: PSS {r['pss_warm']:.2f}x ({r['pss_warm_above']:.2f}x above the "
+                 f"baseline), start-up {r['startup_warm']:.3f}x")
+    lines.append(f"compact (cold) / list-of-dicts: PSS {r['pss_cold']:.2f}x ({r['pss_cold_above']:.2f}x above the "
+                 f"baseline), start-up {r['startup_cold']:.2f}x")
+    lines.append(f"tar shards (warm) / JSON + loose files: {r['shards_vs_loose']:.2f}x images/s")
     return '\n'.join(lines)
 
 
@@ -211,6 +221,8 @@ def main(argv=None) -> dict:
     p.add_argument('--image_res', type=int, default=32)
     p.add_argument('--workdir', default=None, help='keep the synthetic data here (default: a temporary folder)')
     p.add_argument('--json', action='store_true', help='print the results as JSON instead of a table')
+    p.add_argument('--in_process', action='store_true',
+                   help='measure in this process (quick smoke test; memory and start-up are then not comparable)')
     p.add_argument('--_measure', nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._measure:
@@ -228,24 +240,35 @@ def main(argv=None) -> dict:
         for name in os.listdir(workdir):  # earlier index files of a kept workdir: the cold run builds its own
             if name.endswith('.idx'):
                 os.unlink(os.path.join(workdir, name))
-        runs = {'list-of-dicts': run_child('legacy', big, args),
+        tiny = os.path.join(workdir, 'tiny.json')
+        write_json(tiny, images, max(len(images), 4 * args.batch_size))
+        runs = {'baseline (tiny JSON)': run_child('legacy', tiny, args),
+                'list-of-dicts': run_child('legacy', big, args),
                 'compact (cold)': run_child('compact', big, args),
                 'compact (warm)': run_child('compact', big, args),
                 'JSON + loose files': run_child('compact', loose, args),
-                'tar shards': run_child('shards', spec, args)}
+                'tar shards (cold)': run_child('shards', spec, args),
+                'tar shards (warm)': run_child('shards', spec, args)}
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     legacy = runs['list-of-dicts']
+    base = runs['baseline (tiny JSON)']['pss_mib']
+
+    def above(name: str) -> float:
+        return (runs[name]['pss_mib'] - base) / max(legacy['pss_mib'] - base, 1e-9)
+
     results = {
         'date': datetime.date.today().isoformat(), 'machine': platform.node(), 'cpus': os.cpu_count(),
-        'args': {k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'json'},
+        'args': {k: v for k, v in vars(args).items() if not k.startswith('_') and k not in ('json', 'workdir')},
         'runs': runs,
         'ratios': {'pss_warm': runs['compact (warm)']['pss_mib'] / legacy['pss_mib'],
+                   'pss_warm_above': above('compact (warm)'), 'pss_cold_above': above('compact (cold)'),
                    'startup_warm': runs['compact (warm)']['startup_s'] / legacy['startup_s'],
                    'pss_cold': runs['compact (cold)']['pss_mib'] / legacy['pss_mib'],
                    'startup_cold': runs['compact (cold)']['startup_s'] / legacy['startup_s'],
-                   'shards_vs_loose': runs['tar shards']['images_per_s'] / runs['JSON + loose files']['images_per_s']},
+                   'shards_vs_loose': runs['tar shards (warm)']['images_per_s']
+                   / runs['JSON + loose files']['images_per_s']},
     }
     print(json.dumps(results, indent=1) if args.json else table(results))
     return results

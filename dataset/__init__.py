@@ -48,11 +48,12 @@ def create_dataset(name: str, config: Mapping):
     Returns: 'pretrain' / 'nlvr_pretrain' -> one dataset; 're', 'nlvr', 've' -> (train, val, test);
     'vqa', 'grounding' -> (train, test).
     Config keys: train_file / val_file / test_file (a path or a list of paths), image_root, vqa_root, vg_root,
-    answer_list, image_res (pretraining's train_file entries may also name webdataset tar shards, brace notation
-    allowed: see dataset.shards); optional augment (see dataset.transforms.build_transform; `hflip: swap_sides`
-    gives the training sets a MirrorSwappingSides), max_words (default 30), eos (VQA, default '[SEP]'), image_root for pretrain
+    answer_list, image_res; optional augment (see dataset.transforms.build_transform; `hflip: swap_sides` gives the
+    training sets a MirrorSwappingSides), max_words (default 30), eos (VQA, default '[SEP]'), image_root for pretrain
     (default '': paths used as given), skip_bad_images (training sets only; default False) and
     allow_absolute_paths (default False, True for pretraining).
+    Pretraining's train_file entries may also name webdataset tar shards (brace notation allowed), alone or mixed
+    with JSON files: the result is then a dataset.shards.ShardDataset.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f'unknown dataset {name!r}; expected one of {", ".join(DATASET_NAMES)}')

@@ -5,13 +5,13 @@ expanded with braceexpand). A shard holds samples as consecutive members sharing
 .png, .webp) and the caption in `KEY.txt` or as `caption` (a string or a list of strings) of `KEY.json`. Members
 are split into samples by webdataset's rules (`base_plus_ext` keys, `group_by_keys`).
 
-Reading: once per shard, its headers are scanned (tarfile) for where every sample's members lie (flat arrays
-kept in an index file beside the shard while it is unchanged, see dataset.index_cache). A sample is then one
-positioned read (`os.pread`) of its bytes, cut into members and grouped by webdataset's `group_by_keys`, so `ShardDataset` is an ordinary indexable dataset: the order (shards shuffled per
-epoch, split into contiguous ranges across ranks, a seeded shuffle buffer within the range) comes from
-`dataset.resumable.BlockOrderSampler`, and exact resume, per-sample augmentation seeds and the bad-image policy
-work as for JSON files. JSON entries of the same list become further samples after the shard samples, ordered in
-blocks of JSON_BLOCK consecutive items.
+Reading: once per shard, its headers are scanned (tarfile) for where every sample's members lie (flat arrays kept in
+an index file beside the shard while it is unchanged, see dataset.index_cache). A sample is then one positioned read
+(`os.pread`) of its bytes, cut into members and grouped by webdataset's `group_by_keys`, so `ShardDataset` is an
+ordinary indexable dataset: the order (shards shuffled per epoch, split into contiguous ranges across ranks, a
+seeded shuffle buffer within the range) comes from `dataset.resumable.BlockOrderSampler`, and exact resume, per-
+sample augmentation seeds and the bad-image policy work as for JSON files. JSON entries of the same list become
+further samples after the shard samples, ordered in blocks of JSON_BLOCK consecutive items.
 """
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ def scan_shard(path: str) -> dict[str, np.ndarray]:
             'name_offsets': name_offsets, 'names': np.frombuffer(b''.join(names), dtype=np.uint8)}
 
 
+def _shard_index(path: str) -> dict[str, np.ndarray]:
+    return cached_arrays(path, 'shard-index-2', lambda: scan_shard(path))
+
+
 def _first_line(e: BaseException) -> str:
     # webdataset appends context to an exception's args: its message is the first one
     text = str(e.args[0]) if len(e.args) > 1 else str(e)
@@ -105,8 +109,10 @@ class ShardDataset(ImageDatasetBase, Dataset):
                  allow_absolute_paths: bool = True, skip_bad_images: bool = False, mirror=None):
         entries = as_file_list(train_files, 'train_file')
         self.shards: list[str] = [p for e in entries if is_shard_spec(e) for p in expand_shards(e)]
-        # per shard; memory-mapped from index files for large shards
-        self.index = [cached_arrays(p, 'shard-index-2', lambda p=p: scan_shard(p)) for p in self.shards]
+        # Per shard; memory-mapped from index files for large shards. Plain ndarray views of the maps: indexing a
+        # np.memmap subclass costs more than the positioned read itself.
+        self.index = [{k: np.asarray(v) for k, v in _shard_index(p).items()}
+                      for p in self.shards]
         counts = np.asarray([len(ix['first_member']) - 1 for ix in self.index], dtype=np.int64)
         self.shard_first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first sample of each shard
         json_files = [e for e in entries if not is_shard_spec(e)]
