@@ -21,6 +21,12 @@ from torch.utils.data import Dataset, DistributedSampler
 from dataset.utils import DataError
 
 
+def _iterate(indices: np.ndarray, chunk: int = 1 << 16):
+    """Python ints from an index array, a chunk at a time."""
+    for start in range(0, len(indices), chunk):
+        yield from indices[start:start + chunk].tolist()
+
+
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler (also used at world size 1) that can skip the first `start_batch` batches."""
 
@@ -38,9 +44,22 @@ class ResumableSampler(DistributedSampler):
         if isinstance(self.dataset, SeededDataset):
             self.dataset.epoch = epoch
 
+    def rank_order(self) -> np.ndarray:
+        """This rank's indices of the current epoch, DistributedSampler's order exactly, as one int64 array (its
+        list of Python ints costs 36 bytes an index, 0.5 GB at 14M)."""
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).numpy()
+        else:
+            order = np.arange(n, dtype=np.int64)
+        # DistributedSampler pads by repeating the order from its start (cyclically), or drops the tail.
+        order = order[:self.total_size] if self.drop_last else np.resize(order, self.total_size)
+        return order[self.rank:self.total_size:self.num_replicas]
+
     def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.start_batch * self.batch_size:])
+        return _iterate(self.rank_order()[self.start_batch * self.batch_size:])
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start_batch * self.batch_size)
@@ -56,17 +75,22 @@ def shuffle_buffer(seq: np.ndarray, size: int, seed) -> np.ndarray:
     rng = random.Random(int(np.random.SeedSequence(seed).generate_state(1)[0]))
     pick = rng.randrange
     buf: list = []
-    out = []
-    for item in seq.tolist():
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = pick(size)
-        out.append(buf[j])
-        buf[j] = item
+    out = np.empty(len(seq), dtype=np.int64)
+    done = 0
+    for start in range(0, len(seq), 1 << 20):  # a chunk at a time: a list of Python ints costs 36 bytes an item
+        emitted = []
+        for item in seq[start:start + (1 << 20)].tolist():
+            if len(buf) < size:
+                buf.append(item)
+                continue
+            j = pick(size)
+            emitted.append(buf[j])
+            buf[j] = item
+        out[done:done + len(emitted)] = emitted
+        done += len(emitted)
     rng.shuffle(buf)
-    out.extend(buf)
-    return np.asarray(out, dtype=np.int64)
+    out[done:] = buf
+    return out
 
 
 class BlockOrderSampler(ResumableSampler):
@@ -84,7 +108,7 @@ class BlockOrderSampler(ResumableSampler):
                          batch_size=batch_size)
         self.buffer_size = buffer_size
 
-    def epoch_order(self) -> np.ndarray:
+    def rank_order(self) -> np.ndarray:
         """This rank's indices for the current epoch, from its first batch."""
         blocks = np.asarray(self.dataset.blocks(), dtype=np.int64).reshape(-1, 2)
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(blocks))
@@ -92,9 +116,6 @@ class BlockOrderSampler(ResumableSampler):
         seq = np.resize(seq, self.total_size)  # wrap around, as DistributedSampler pads
         mine = seq[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
         return shuffle_buffer(mine, self.buffer_size, [self.seed, self.epoch, self.rank])
-
-    def __iter__(self):
-        return iter(self.epoch_order()[self.start_batch * self.batch_size:].tolist())
 
 
 class SeededDataset(Dataset):

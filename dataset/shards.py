@@ -109,10 +109,8 @@ class ShardDataset(ImageDatasetBase, Dataset):
                  allow_absolute_paths: bool = True, skip_bad_images: bool = False, mirror=None):
         entries = as_file_list(train_files, 'train_file')
         self.shards: list[str] = [p for e in entries if is_shard_spec(e) for p in expand_shards(e)]
-        # Per shard; memory-mapped from index files for large shards. Plain ndarray views of the maps: indexing a
-        # np.memmap subclass costs more than the positioned read itself.
-        self.index = [{k: np.asarray(v) for k, v in _shard_index(p).items()}
-                      for p in self.shards]
+        # Per shard: numpy arrays for small shards, read on demand from index files for large ones.
+        self.index = [_shard_index(p) for p in self.shards]
         counts = np.asarray([len(ix['first_member']) - 1 for ix in self.index], dtype=np.int64)
         self.shard_first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first sample of each shard
         json_files = [e for e in entries if not is_shard_spec(e)]
@@ -165,16 +163,18 @@ class ShardDataset(ImageDatasetBase, Dataset):
         One positioned read of the sample's bytes; the index says where each member's data lies in them."""
         k = int(np.searchsorted(self.shard_first, index, side='right')) - 1
         path, i, ix = self.shards[k], index - int(self.shard_first[k]), self.index[k]
-        j0, j1 = int(ix['first_member'][i]), int(ix['first_member'][i + 1])
+        j0, j1 = ix['first_member'][i:i + 2].tolist()
         offsets, sizes = ix['data_offset'][j0:j1].tolist(), ix['size'][j0:j1].tolist()
-        name_offsets, names = ix['name_offsets'][j0:j1 + 1].tolist(), ix['names']
+        name_offsets = ix['name_offsets'][j0:j1 + 1].tolist()
+        names = ix['names'][name_offsets[0]:name_offsets[-1]].tobytes()
         start, end = offsets[0], offsets[-1] + sizes[-1]
         where = f'{path} sample {i}'
         blob = os.pread(self._fd(path), end - start, start)
         if len(blob) != end - start:
             raise DataError(f'{where}: the shard is shorter than when it was indexed ({len(blob)} of {end - start} '
                             f'bytes at offset {start})')
-        members = [{'fname': bytes(names[name_offsets[m]:name_offsets[m + 1]]).decode('utf-8', 'surrogateescape'),
+        n0 = name_offsets[0]
+        members = [{'fname': names[name_offsets[m] - n0:name_offsets[m + 1] - n0].decode('utf-8', 'surrogateescape'),
                     'data': blob[off - start:off - start + size], '__url__': path}
                    for m, (off, size) in enumerate(zip(offsets, sizes))]
         try:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from dataset.index_cache import cached_arrays
+from dataset.index_cache import FileArray, cached_arrays
 from utils import UserError, unwrap_worker_error, worker_error_message  # noqa: F401 (re-exported)
 
 
@@ -161,18 +161,19 @@ class Annotations:
     """The concatenated items of one or more JSON annotation files, remembering where each item came from.
 
     Items are kept packed, not as Python objects: per file, one byte buffer holding every item as compact JSON and
-    an int64 array of item offsets into it (memory-mapped from an index file for large inputs, see
-    dataset.index_cache). Memory stays close to the raw bytes, and DataLoader workers forked from the process
-    share the buffers: no per-item reference count is touched, so copy-on-write never copies them. Indexing
-    decodes one item into a fresh dict (a few microseconds). Provenance is per-file start offsets.
+    an int64 array of item offsets into it. Small files hold both in memory (numpy arrays); large ones read them
+    from their index file on demand (dataset.index_cache.FileArray), so the bytes live once in the page cache for
+    every process and rank. Either way DataLoader workers forked from the process share them: no per-item
+    reference count is touched, so copy-on-write never copies them. Indexing decodes one item into a fresh dict
+    (a few microseconds). Provenance is per-file start offsets.
     Behaves as a read-only list of dicts.
     """
 
     def __init__(self, parts: Sequence[tuple[np.ndarray, Any]], files: list[str], starts: list[int]):
-        self.parts = [(np.asarray(offsets, dtype=np.int64), data) for offsets, data in parts]
+        self.parts = list(parts)
         self.files = files
         self.starts = starts
-        self._n = starts[-1] + len(self.parts[-1][0]) - 1 if parts else 0
+        self._n = starts[-1] + len(self.parts[-1][0]) - 1 if self.parts else 0
 
     @classmethod
     def from_items(cls, items: Sequence[Mapping], files: list[str] | None = None,
@@ -181,7 +182,8 @@ class Annotations:
         files = files or ['<items>']
         starts = starts or [0]
         bounds = list(starts) + [len(items)]
-        return cls([pack_items(items[bounds[k]:bounds[k + 1]]) for k in range(len(files))], files, list(starts))
+        parts = [pack_items(items[bounds[k]:bounds[k + 1]]) for k in range(len(files))]
+        return cls([(offsets, np.frombuffer(data, dtype=np.uint8)) for offsets, data in parts], files, list(starts))
 
     def __len__(self) -> int:
         return self._n
@@ -197,7 +199,8 @@ class Annotations:
         k = bisect.bisect_right(self.starts, index) - 1
         offsets, data = self.parts[k]
         i = index - self.starts[k]
-        return json.loads(bytes(data[offsets[i]:offsets[i + 1]]))
+        start, stop = offsets[i:i + 2].tolist()
+        return json.loads(data.read(start, stop) if isinstance(data, FileArray) else data[start:stop].tobytes())
 
     def __iter__(self):
         for i in range(self._n):
@@ -205,8 +208,8 @@ class Annotations:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the packed items and their offsets."""
-        return sum(o.nbytes + len(d) for o, d in self.parts)
+        """Bytes of the packed items and their offsets (in memory, or in the index file)."""
+        return sum(o.nbytes + d.nbytes for o, d in self.parts)
 
     def origin(self, index: int) -> tuple[str, int]:
         """(annotation file, index inside that file) of global item `index`."""
