@@ -9,12 +9,13 @@ Each measurement runs in a fresh process (so memory and start-up are its own):
 
 * list-of-dicts: the store this repository used before: json.load of the file into a Python list of dicts, every
   item checked as pretrain_dataset checks it (built here, for the comparison);
-* compact (cold): dataset.utils.Annotations with no index file yet (parse, check, pack, write the index);
-* compact (warm): the same file again (the index file is mapped);
+* compact (cold): dataset.utils.Annotations with no index file yet (parse, check, write the index);
+* compact (warm): the same file again (the index file is reused);
 * JSON + loose files / tar shards: --shard_samples samples, through the same loader (the shards twice: the
-  first run scans them and writes their index files, the second maps those);
-* baseline: the list-of-dicts store of a JSON of a few hundred items: what the processes hold without a large
-  annotation store (the runtime: torch, the loader), subtracted in the 'above baseline' column.
+  first run scans them and writes their index files, the second reuses those);
+* baseline: the list-of-dicts store of a JSON just large enough for the batches (32,000 items by default): what
+  the processes hold without a large annotation store (the runtime: torch, the loader), subtracted in the
+  'above baseline' column.
 
 Start-up = building the dataset. Then a DataLoader with --workers forked workers, shuffled by the training
 sampler (dataset.resumable.build_train_loader; the shards get its BlockOrderSampler), iterates --batches batches
@@ -191,7 +192,7 @@ def run_child(kind: str, source: str, args) -> dict:
 # Report
 # ----------------------------------------------------------------------------------------------------------------
 def table(results: dict) -> str:
-    base = results['runs']['baseline (tiny JSON)']['pss_mib']
+    base = results['runs']['baseline (small JSON)']['pss_mib']
     rows = [('store / format', 'items', 'start-up s', 'PSS main+workers MiB', 'above baseline MiB', 'images/s')]
     for name, r in results['runs'].items():
         rows.append((name, f"{r['items']:,}", f"{r['startup_s']:.2f}", f"{r['pss_mib']:.0f}",
@@ -240,9 +241,9 @@ def main(argv=None) -> dict:
         for name in os.listdir(workdir):  # earlier index files of a kept workdir: the cold run builds its own
             if name.endswith('.idx'):
                 os.unlink(os.path.join(workdir, name))
-        tiny = os.path.join(workdir, 'tiny.json')
-        write_json(tiny, images, max(len(images), 4 * args.batch_size))
-        runs = {'baseline (tiny JSON)': run_child('legacy', tiny, args),
+        small = os.path.join(workdir, 'small.json')
+        write_json(small, images, max(len(images), (args.batches + 1) * args.batch_size))
+        runs = {'baseline (small JSON)': run_child('legacy', small, args),
                 'list-of-dicts': run_child('legacy', big, args),
                 'compact (cold)': run_child('compact', big, args),
                 'compact (warm)': run_child('compact', big, args),
@@ -253,7 +254,7 @@ def main(argv=None) -> dict:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     legacy = runs['list-of-dicts']
-    base = runs['baseline (tiny JSON)']['pss_mib']
+    base = runs['baseline (small JSON)']['pss_mib']
 
     def above(name: str) -> float:
         return (runs[name]['pss_mib'] - base) / max(legacy['pss_mib'] - base, 1e-9)

@@ -160,10 +160,11 @@ def as_file_list(ann_file, what: str = 'annotation file') -> list[str]:
 class Annotations:
     """The concatenated items of one or more JSON annotation files, remembering where each item came from.
 
-    Items are kept packed, not as Python objects: per file, one byte buffer holding every item as compact JSON and
-    an int64 array of item offsets into it. Small files hold both in memory (numpy arrays); large ones read them
-    from their index file on demand (dataset.index_cache.FileArray), so the bytes live once in the page cache for
-    every process and rank. Either way DataLoader workers forked from the process share them: no per-item
+    Items are kept packed, not as Python objects: per file, one byte buffer holding every item's JSON text and an
+    int64 array of (start, end) offsets into it; for an ASCII file the buffer is the file's own bytes, otherwise
+    each item re-encoded. Small files hold both in memory (numpy arrays); large ones read them on demand from
+    their index file and from the JSON file itself (dataset.index_cache.FileArray), so the bytes live once in the
+    page cache for every process and rank. Either way DataLoader workers forked from the process share them: no per-item
     reference count is touched, so copy-on-write never copies them. Indexing decodes one item into a fresh dict
     (a few microseconds). Provenance is per-file start offsets.
     Behaves as a read-only list of dicts.
@@ -173,7 +174,7 @@ class Annotations:
         self.parts = list(parts)
         self.files = files
         self.starts = starts
-        self._n = starts[-1] + len(self.parts[-1][0]) - 1 if self.parts else 0
+        self._n = starts[-1] + len(self.parts[-1][0]) // 2 if self.parts else 0
 
     @classmethod
     def from_items(cls, items: Sequence[Mapping], files: list[str] | None = None,
@@ -182,8 +183,11 @@ class Annotations:
         files = files or ['<items>']
         starts = starts or [0]
         bounds = list(starts) + [len(items)]
-        parts = [pack_items(items[bounds[k]:bounds[k + 1]]) for k in range(len(files))]
-        return cls([(offsets, np.frombuffer(data, dtype=np.uint8)) for offsets, data in parts], files, list(starts))
+        parts = []
+        for k in range(len(files)):
+            offsets, data = pack_items(items[bounds[k]:bounds[k + 1]])
+            parts.append((np.stack([offsets[:-1], offsets[1:]], axis=1).reshape(-1), np.frombuffer(data, np.uint8)))
+        return cls(parts, files, list(starts))
 
     def __len__(self) -> int:
         return self._n
@@ -197,10 +201,15 @@ class Annotations:
         if not 0 <= index < self._n:
             raise IndexError(f'annotation index {index} out of range ({self._n} items)')
         k = bisect.bisect_right(self.starts, index) - 1
-        offsets, data = self.parts[k]
+        spans, data = self.parts[k]
         i = index - self.starts[k]
-        start, stop = offsets[i:i + 2].tolist()
-        return json.loads(data.read(start, stop) if isinstance(data, FileArray) else data[start:stop].tobytes())
+        start, stop = spans[2 * i:2 * i + 2].tolist()
+        text = data.read(start, stop) if isinstance(data, FileArray) else data[start:stop].tobytes()
+        try:
+            return json.loads(text)
+        except ValueError:  # an indexed file read in place, changed since
+            raise DataError(f'{self.where(index)}: cannot decode the item; was {self.files[k]} changed while in '
+                            f'use? (restart to read it again)') from None
 
     def __iter__(self):
         for i in range(self._n):
@@ -208,7 +217,7 @@ class Annotations:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the packed items and their offsets (in memory, or in the index file)."""
+        """Bytes of the packed items and their offsets (in memory, or in the files read on demand)."""
         return sum(o.nbytes + d.nbytes for o, d in self.parts)
 
     def origin(self, index: int) -> tuple[str, int]:
@@ -278,14 +287,67 @@ def check_items(data, path: str, required: Mapping[str, Any], check: Callable[[d
             check(item, f'{path} item {i}')
 
 
+_JSON_SPACE = re.compile(r'[ \t\n\r]*')
+
+
+def _item_spans(raw: bytes) -> tuple[list, np.ndarray] | None:
+    """(items, spans [2n] int64: item i is raw[spans[2i]:spans[2i+1]]) of an ASCII JSON list, parsed item by item,
+    or None when the file is not ASCII or not a well-formed list (read_json_file then parses it, or words the
+    error). For ASCII text a character offset is a byte offset, so the items stay where they are in the file."""
+    if not raw.isascii():
+        return None
+    text = raw.decode('ascii')
+    decode = json.JSONDecoder().raw_decode
+    space = _JSON_SPACE.match
+    pos = space(text, 0).end()
+    if not text.startswith('[', pos):
+        return None
+    items, bounds = [], []
+    try:
+        pos = space(text, pos + 1).end()
+        if text.startswith(']', pos):
+            return None  # empty: read_json_file and check_items word it
+        while True:
+            item, end = decode(text, pos)
+            items.append(item)
+            bounds += (pos, end)
+            pos = space(text, end).end()
+            if text.startswith(',', pos):
+                pos = space(text, pos + 1).end()
+            elif text.startswith(']', pos):
+                break
+            else:
+                return None
+    except (ValueError, RecursionError):
+        return None
+    if space(text, pos + 1).end() != len(text):
+        return None
+    return items, np.asarray(bounds, dtype=np.int64)
+
+
 def _load_packed(path: str, required: Mapping[str, Any], what: str, check, index_tag: str | None):
-    """(offsets, data) of one checked annotation file, from its index file when one is valid."""
+    """(spans, data) of one checked annotation file: item i is data[spans[2i]:spans[2i+1]] (the file's own bytes
+    for an ASCII file, re-encoded items otherwise), from its index file when one is valid."""
+    source: dict[str, bytes] = {}
+
     def build():
+        try:
+            with open(path, 'rb') as f:
+                raw = f.read()
+        except (OSError, ValueError):
+            raw = b''  # read_json_file words the error
+        parsed = _item_spans(raw) if raw else None
+        if parsed is not None:
+            data, spans = parsed
+            check_items(data, path, required, check)
+            source['raw'] = raw
+            return {'spans': spans}
         data = read_json_file(path, what)
         check_items(data, path, required, check)
         offsets, packed = pack_items(data)
         del data
-        return {'offsets': offsets, 'data': np.frombuffer(packed, dtype=np.uint8)}
+        spans = np.stack([offsets[:-1], offsets[1:]], axis=1).reshape(-1)
+        return {'spans': spans, 'data': np.frombuffer(packed, dtype=np.uint8)}
 
     if index_tag is None and check is not None:  # checks we cannot name: never reuse a stored result
         arrays = build()
@@ -298,9 +360,13 @@ def _load_packed(path: str, required: Mapping[str, Any], what: str, check, index
         except (FileNotFoundError, DataError, OSError, ValueError):
             arrays = build()  # read_json_file words the error
         else:
-            tag = f'annotations-1 {sorted((k, _type_name(v)) for k, v in required.items())} {index_tag}'
+            tag = f'annotations-2 {sorted((k, _type_name(v)) for k, v in required.items())} {index_tag}'
             arrays = cached_arrays(path, tag, build)
-    return arrays['offsets'], arrays['data']
+    if 'data' in arrays:
+        return arrays['spans'], arrays['data']
+    if isinstance(arrays['spans'], FileArray):  # indexed: read the items from the JSON file itself when needed
+        return arrays['spans'], FileArray(path, 0, np.uint8, os.path.getsize(path))
+    return arrays['spans'], np.frombuffer(source['raw'], dtype=np.uint8)
 
 
 def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotation file',
@@ -318,10 +384,10 @@ def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotat
     files = as_file_list(ann_file, what)
     parts, starts, n = [], [], 0
     for path in files:
-        offsets, data = _load_packed(path, required, what, check, index_tag)
-        parts.append((offsets, data))
+        spans, data = _load_packed(path, required, what, check, index_tag)
+        parts.append((spans, data))
         starts.append(n)
-        n += len(offsets) - 1
+        n += len(spans) // 2
     return Annotations(parts, files, starts)
 
 

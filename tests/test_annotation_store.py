@@ -149,3 +149,35 @@ def test_indexed_dataset_still_refuses_escaping_paths_when_loading(indexed, tmp_
     ds = re_train_dataset(ann, lambda im: im, str(root))  # index reused: no per-item checks
     with pytest.raises(DataError, match=r'ann\.json item 0: image path .* escapes image_root .* symbolic link'):
         ds[0]
+
+
+@pytest.mark.parametrize('dump', [
+    lambda items: json.dumps(items),                                     # ASCII: items read in place
+    lambda items: json.dumps(items, indent=2),                           # ASCII, pretty-printed
+    lambda items: json.dumps(items, ensure_ascii=False).replace('\ud800', 'x'),  # UTF-8: items re-encoded
+    lambda items: ' \n[' + json.dumps(items)[1:-1] + ' ]\n',             # spaces around the list
+])
+def test_every_layout_of_a_file_gives_the_same_items(indexed, tmp_path, dump):
+    items = [dict(it) for it in ITEMS] + [{'image': 'n.jpg', 'caption': 'x', 'v': float('inf')}]
+    for it in items:
+        if isinstance(it.get('caption'), str):
+            it['caption'] = it['caption'].replace('\ud800', 'x')
+    path = tmp_path / 'a.json'
+    path.write_text(dump(items), encoding='utf-8')
+    expected = json.loads(path.read_text(encoding='utf-8'))
+    assert list(load_annotations(str(path), {})) == expected  # parsed (small file: in memory)
+    assert list(load_annotations(str(path), {}, index_tag='t')) == expected  # builds the index
+    assert list(load_annotations(str(path), {}, index_tag='t')) == expected  # reuses it
+
+
+def test_ascii_file_index_holds_offsets_only(indexed, tmp_path):
+    path = write(tmp_path / 'a.json', ITEMS * 200)
+    load_annotations(path, {}, index_tag='t')
+    ann = load_annotations(path, {}, index_tag='t')
+    idx = [tmp_path / n for n in os.listdir(tmp_path) if n.endswith('.idx')][0]
+    assert os.path.getsize(idx) < 4096 + 16 * 600 + 64 and ann[599] == ITEMS[2]
+    # Changed in place while in use: the item no longer decodes, and the error says why.
+    with open(path, 'r+b') as f:
+        f.write(b'#' * 200)
+    with pytest.raises(DataError, match=r'a\.json item 0: cannot decode the item; was .*a\.json changed while in use'):
+        ann[0]

@@ -10,7 +10,7 @@ def test_data_scale_benchmark_runs_tiny(tmp_path, capsys):
                                '--workdir', str(tmp_path), '--json', '--in_process'])
     printed = json.loads(capsys.readouterr().out)
     assert printed['runs'].keys() == results['runs'].keys() == {
-        'baseline (tiny JSON)', 'list-of-dicts', 'compact (cold)', 'compact (warm)', 'JSON + loose files',
+        'baseline (small JSON)', 'list-of-dicts', 'compact (cold)', 'compact (warm)', 'JSON + loose files',
         'tar shards (cold)', 'tar shards (warm)'}
     for name, run in results['runs'].items():
         assert run['batches'] == 3 and run['pss_mib'] > 0 and run['images_per_s'] > 0, name
