@@ -169,7 +169,10 @@ class ShardDataset(ImageDatasetBase, Dataset):
         names = ix['names'][name_offsets[0]:name_offsets[-1]].tobytes()
         start, end = offsets[0], offsets[-1] + sizes[-1]
         where = f'{path} sample {i}'
-        blob = os.pread(self._fd(path), end - start, start)
+        try:
+            blob = os.pread(self._fd(path), end - start, start)
+        except OSError as e:
+            raise DataError(f'{where}: cannot read the shard ({e.strerror or e})') from None
         if len(blob) != end - start:
             raise DataError(f'{where}: the shard is shorter than when it was indexed ({len(blob)} of {end - start} '
                             f'bytes at offset {start})')

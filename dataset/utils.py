@@ -332,9 +332,10 @@ def _load_packed(path: str, required: Mapping[str, Any], what: str, check, index
 
     def build():
         try:
+            check_regular_file(path, what)  # first: opening a FIFO would block
             with open(path, 'rb') as f:
                 raw = f.read()
-        except (OSError, ValueError):
+        except (OSError, ValueError, DataError):
             raw = b''  # read_json_file words the error
         parsed = _item_spans(raw) if raw else None
         if parsed is not None:

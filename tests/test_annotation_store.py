@@ -181,3 +181,15 @@ def test_ascii_file_index_holds_offsets_only(indexed, tmp_path):
         f.write(b'#' * 200)
     with pytest.raises(DataError, match=r'a\.json item 0: cannot decode the item; was .*a\.json changed while in use'):
         ann[0]
+
+
+@pytest.mark.parametrize('use_index', [False, True])
+def test_a_fifo_is_refused_without_opening_it(monkeypatch, tmp_path, use_index):
+    """Opening a named pipe for reading blocks until a writer comes: it must be refused from its file type."""
+    if use_index:
+        monkeypatch.setattr(index_cache, 'MIN_SOURCE_BYTES', 0)
+        monkeypatch.setenv('ALBEF_INDEX_DIR', str(tmp_path / 'cache'))
+    fifo = tmp_path / 'ann.json'
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r'^annotation file .*ann\.json: is a named pipe \(FIFO\), not a regular file$'):
+        load_annotations(str(fifo), {}, check=lambda item, where: None, index_tag='t' if use_index else None)
