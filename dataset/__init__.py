@@ -21,16 +21,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from dataset.grounding_dataset import grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset
-from dataset.shards import ShardDataset, is_shard_spec
 from dataset.transforms import MEAN, STD, build_transform, side_mirror
-from dataset.utils import DataError, pre_caption, pre_question
+from dataset.utils import DataError, is_shard_spec, pre_caption, pre_question
 from dataset.ve_dataset import ve_dataset
 from dataset.vqa_dataset import vqa_dataset
 
 __all__ = ['DataError', 'create_dataset', 'create_sampler', 'create_loader', 'vqa_collate_fn', 'worker_init_fn',
            'build_transform', 'pre_caption', 'pre_question', 'MEAN', 'STD', 'DATASET_NAMES',
            'pretrain_dataset', 're_train_dataset', 're_eval_dataset', 'vqa_dataset', 'nlvr_dataset', 've_dataset',
-           'grounding_dataset', 'ShardDataset']
+           'grounding_dataset']
 
 DATASET_NAMES = ('pretrain', 're', 'vqa', 'nlvr', 've', 'grounding', 'nlvr_pretrain')
 
@@ -72,6 +71,7 @@ def create_dataset(name: str, config: Mapping):
     if name in ('pretrain', 'nlvr_pretrain'):
         train_file = req('train_file')
         if any(is_shard_spec(f) for f in ([train_file] if isinstance(train_file, str) else train_file)):
+            from dataset.shards import ShardDataset  # webdataset is imported only by runs that read shards
             return ShardDataset(train_file, build_transform('pretrain', res, augment), max_words,
                                 image_root=config.get('image_root', '') or '',
                                 allow_absolute_paths=bool(config.get('allow_absolute_paths', True)),

@@ -29,16 +29,11 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 from dataset.caption_dataset import pretrain_dataset
 from dataset.index_cache import cached_arrays
 from dataset.utils import (DataError, ImageDatasetBase, as_file_list, brief, check_regular_file, check_visible_text,
-                           decode_image_rgb, pre_caption)
+                           decode_image_rgb, is_shard_spec, pre_caption)
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 JSON_BLOCK = 10_000          # JSON items per block of the epoch order (a shard is one block)
 _OPEN_SHARDS = 64            # file descriptors kept open per process
-
-
-def is_shard_spec(entry: str) -> bool:
-    """Whether a train_file entry names tar shards (a path or brace pattern ending in .tar)."""
-    return isinstance(entry, str) and entry.lower().endswith('.tar')
 
 
 def expand_shards(spec: str) -> list[str]:

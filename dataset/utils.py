@@ -157,6 +157,12 @@ def as_file_list(ann_file, what: str = 'annotation file') -> list[str]:
     return out
 
 
+def is_shard_spec(entry) -> bool:
+    """Whether a train_file entry names webdataset tar shards (a path or brace pattern ending in .tar), read by
+    dataset.shards rather than as a JSON annotation file."""
+    return isinstance(entry, str) and entry.lower().endswith('.tar')
+
+
 class Annotations:
     """The concatenated items of one or more JSON annotation files, remembering where each item came from.
 

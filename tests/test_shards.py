@@ -16,7 +16,8 @@ from PIL import Image
 
 from dataset import create_dataset
 from dataset.resumable import BlockOrderSampler, ResumableSampler, build_train_loader, shuffle_buffer
-from dataset.shards import ShardDataset, expand_shards, is_shard_spec
+from dataset.shards import ShardDataset, expand_shards
+from dataset.utils import is_shard_spec
 from dataset.utils import DataError
 from tests.toy import ROOT, launch_ranks
 
