@@ -22,7 +22,7 @@ from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_
 from dataset.grounding_dataset import grounding_dataset
 from dataset.nlvr_dataset import nlvr_dataset
 from dataset.transforms import MEAN, STD, build_transform
-from dataset.utils import DataError, pre_caption, pre_question
+from dataset.utils import DataError, is_shard_spec, pre_caption, pre_question
 from utils import ConfigError
 from dataset.ve_dataset import ve_dataset
 from dataset.vqa_dataset import vqa_dataset
@@ -50,6 +50,8 @@ def create_dataset(name: str, config: Mapping):
     answer_list, image_res; optional augment (see dataset.transforms.build_transform), max_words (default 30), eos
     (VQA, default '[SEP]'), image_root for pretrain (default '': paths used as given), skip_bad_images (training
     sets only; default False) and allow_absolute_paths (default False, True for pretraining).
+    Pretraining's train_file entries may also name webdataset tar shards (brace notation allowed), alone or mixed
+    with JSON files: the result is then a dataset.shards.ShardDataset.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f'unknown dataset {name!r}; expected one of {", ".join(DATASET_NAMES)}')
@@ -61,6 +63,13 @@ def create_dataset(name: str, config: Mapping):
     req = lambda key: _require(config, key, name)  # noqa: E731
 
     if name in ('pretrain', 'nlvr_pretrain'):
+        train_file = req('train_file')
+        if any(is_shard_spec(f) for f in ([train_file] if isinstance(train_file, str) else train_file)):
+            from dataset.shards import ShardDataset  # webdataset is imported only by runs that read shards
+            return ShardDataset(train_file, build_transform('pretrain', res, augment), max_words,
+                                image_root=config.get('image_root', '') or '',
+                                allow_absolute_paths=bool(config.get('allow_absolute_paths', True)),
+                                skip_bad_images=skip)
         return pretrain_dataset(req('train_file'), build_transform('pretrain', res, augment), max_words,
                                 image_root=config.get('image_root', '') or '',
                                 allow_absolute_paths=bool(config.get('allow_absolute_paths', True)),

@@ -39,7 +39,8 @@ class pretrain_dataset(ImageDatasetBase, Dataset):
             check_visible_text(item['caption'], 'caption', where)
             resolve_image_path(image_root, item['image'], allow_absolute_paths, where, check_file_link=False)
 
-        self.ann = load_annotations(ann_file, {'image': str, 'caption': (str, list)}, check=check)
+        self.ann = load_annotations(ann_file, {'image': str, 'caption': (str, list)}, check=check,
+                                    index_tag=f'pretrain {image_root!r} {bool(allow_absolute_paths)}')
         self.transform = transform
         self.max_words = max_words
         self.image_root = image_root
@@ -66,7 +67,8 @@ class re_train_dataset(ImageDatasetBase, Dataset):
     def __init__(self, ann_file, transform, image_root, max_words: int = 30, *,
                  allow_absolute_paths: bool = False, skip_bad_images: bool = False):
         self.ann = load_annotations(ann_file, {'image': str, 'caption': str, 'image_id': (str, int)},
-                                    check=_path_checker(image_root, allow_absolute_paths))
+                                    check=_path_checker(image_root, allow_absolute_paths),
+                                    index_tag=f're_train {image_root!r} {bool(allow_absolute_paths)}')
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
@@ -100,7 +102,8 @@ class re_eval_dataset(ImageDatasetBase, Dataset):
                 raise DataError(f'{where}: image {item["image"]!r} has an empty caption list')
             path_check(item, where)
 
-        self.ann = load_annotations(ann_file, {'image': str, 'caption': list}, check=check)
+        self.ann = load_annotations(ann_file, {'image': str, 'caption': list}, check=check,
+                                    index_tag=f're_eval {image_root!r} {bool(allow_absolute_paths)}')
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words

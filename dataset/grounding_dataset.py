@@ -26,7 +26,8 @@ class grounding_dataset(ImageDatasetBase, Dataset):
         required = {'image': str, 'text': str}
         if mode == 'test':
             required['ref_id'] = int
-        self.ann = load_annotations(ann_file, required, check=check)
+        self.ann = load_annotations(ann_file, required, check=check,
+                                    index_tag=f'grounding {image_root!r} {bool(allow_absolute_paths)}')
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words

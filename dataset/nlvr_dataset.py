@@ -28,7 +28,7 @@ class nlvr_dataset(ImageDatasetBase, Dataset):
             check_visible_text(item['sentence'], 'sentence', where)
 
         self.ann = load_annotations(ann_file, {'images': list, 'sentence': str, 'label': str},
-                                    check=check)
+                                    check=check, index_tag=f'nlvr {image_root!r} {bool(allow_absolute_paths)}')
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words

@@ -7,7 +7,9 @@ a bad file or a bad item always produces a one-line `DataError` that names the a
 from __future__ import annotations
 
 import bisect
+import io
 import json
+import operator
 import os
 import re
 import stat
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
+from dataset.index_cache import FileArray, cached_arrays
 from utils import UserError, unwrap_worker_error, worker_error_message  # noqa: F401 (re-exported)
 
 
@@ -154,26 +157,74 @@ def as_file_list(ann_file, what: str = 'annotation file') -> list[str]:
     return out
 
 
+def is_shard_spec(entry) -> bool:
+    """Whether a train_file entry names webdataset tar shards (a path or brace pattern ending in .tar), read by
+    dataset.shards rather than as a JSON annotation file."""
+    return isinstance(entry, str) and entry.lower().endswith('.tar')
+
+
 class Annotations:
     """The concatenated items of one or more JSON annotation files, remembering where each item came from.
 
-    Provenance is stored as per-file start offsets (not per item) so 14M-item pretraining lists stay cheap.
+    Items are kept packed, not as Python objects: per file, one byte buffer holding every item's JSON text and an
+    int64 array of (start, end) offsets into it; for an ASCII file the buffer is the file's own bytes, otherwise
+    each item re-encoded. Small files hold both in memory (numpy arrays); large ones read them on demand from
+    their index file and from the JSON file itself (dataset.index_cache.FileArray), so the bytes live once in the
+    page cache for every process and rank. Either way DataLoader workers forked from the process share them: no per-item
+    reference count is touched, so copy-on-write never copies them. Indexing decodes one item into a fresh dict
+    (a few microseconds). Provenance is per-file start offsets.
     Behaves as a read-only list of dicts.
     """
 
-    def __init__(self, items: list, files: list[str], starts: list[int]):
-        self.items = items
+    def __init__(self, parts: Sequence[tuple[np.ndarray, Any]], files: list[str], starts: list[int]):
+        self.parts = list(parts)
         self.files = files
         self.starts = starts
+        self._n = starts[-1] + len(self.parts[-1][0]) // 2 if self.parts else 0
+
+    @classmethod
+    def from_items(cls, items: Sequence[Mapping], files: list[str] | None = None,
+                   starts: list[int] | None = None) -> 'Annotations':
+        """Pack in-memory items (one pseudo-file named '<items>' unless `files`/`starts` say otherwise)."""
+        files = files or ['<items>']
+        starts = starts or [0]
+        bounds = list(starts) + [len(items)]
+        parts = []
+        for k in range(len(files)):
+            offsets, data = pack_items(items[bounds[k]:bounds[k + 1]])
+            parts.append((np.stack([offsets[:-1], offsets[1:]], axis=1).reshape(-1), np.frombuffer(data, np.uint8)))
+        return cls(parts, files, list(starts))
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self._n
 
     def __getitem__(self, index):
-        return self.items[index]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        index = operator.index(index)
+        if index < 0:
+            index += self._n
+        if not 0 <= index < self._n:
+            raise IndexError(f'annotation index {index} out of range ({self._n} items)')
+        k = bisect.bisect_right(self.starts, index) - 1
+        spans, data = self.parts[k]
+        i = index - self.starts[k]
+        start, stop = spans[2 * i:2 * i + 2].tolist()
+        text = data.read(start, stop) if isinstance(data, FileArray) else data[start:stop].tobytes()
+        try:
+            return json.loads(text)
+        except ValueError:  # an indexed file read in place, changed since
+            raise DataError(f'{self.where(index)}: cannot decode the item; was {self.files[k]} changed while in '
+                            f'use? (restart to read it again)') from None
 
     def __iter__(self):
-        return iter(self.items)
+        for i in range(self._n):
+            yield self[i]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed items and their offsets (in memory, or in the files read on demand)."""
+        return sum(o.nbytes + d.nbytes for o, d in self.parts)
 
     def origin(self, index: int) -> tuple[str, int]:
         """(annotation file, index inside that file) of global item `index`."""
@@ -186,46 +237,165 @@ class Annotations:
         return f'{f} item {i}'
 
 
+def _item_encoder() -> Callable[[Any], bytes]:
+    """Compact JSON bytes of one item. ASCII escapes, so every item round-trips through bytes, even strings
+    holding lone surrogates from JSON escapes. json.dumps builds a new C encoder per call, which costs more than
+    encoding a small item: build it once (falling back to json.dumps where the C encoder is unavailable)."""
+    c_make_encoder = getattr(json.encoder, 'c_make_encoder', None)
+    if c_make_encoder is not None:
+        try:
+            # markers=None: no cycle check (parsed JSON has no cycles); allow_nan as json.load accepts NaN.
+            encode = c_make_encoder(None, None, json.encoder.encode_basestring_ascii, None, ':', ',', False, False,
+                                    True)
+            if ''.join(encode({'a': [1, 'b\u00e9']}, 0)) == '{"a":[1,"b\\u00e9"]}':
+                return lambda item: ''.join(encode(item, 0)).encode('ascii')
+        except TypeError:  # another Python's signature
+            pass
+    return lambda item: json.dumps(item, separators=(',', ':')).encode('ascii')
+
+
+_PACK = _item_encoder()
+
+
+def pack_items(items: Sequence) -> tuple[np.ndarray, bytes]:
+    """(offsets [n+1] int64, bytes) holding each item as compact JSON: item i is data[offsets[i]:offsets[i+1]]."""
+    pieces = [_PACK(item) for item in items]
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), out=offsets[1:])
+    return offsets, b''.join(pieces)
+
+
+def check_items(data, path: str, required: Mapping[str, Any], check: Callable[[dict, str], None] | None) -> None:
+    """Validate the parsed content of one annotation file (see load_annotations); DataError names the item."""
+    if not isinstance(data, list):
+        raise DataError(f'{path}: expected a JSON list of objects, got {type(data).__name__}')
+    if not data:
+        raise DataError(f'{path}: the annotation list is empty')
+    checks = [(key, types if isinstance(types, tuple) else (types,)) for key, types in required.items()]
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise DataError(f'{path} item {i}: expected an object, got {type(item).__name__}')
+        for key, ok_types in checks:
+            if key not in item:
+                raise DataError(f'{path} item {i}: missing key {key!r}')
+            value = item[key]
+            # bool is an int subclass: never accept it where a number is meant.
+            if isinstance(value, bool) and bool not in ok_types:
+                ok = False
+            else:
+                ok = isinstance(value, ok_types)
+            if ok and isinstance(value, list):
+                ok = all(isinstance(v, str) for v in value)
+            if not ok:
+                raise DataError(f'{path} item {i}: key {key!r} must be {_type_name(ok_types)}'
+                                f'{" of strings" if list in ok_types else ""}, got {brief(value)}')
+        if check is not None:
+            check(item, f'{path} item {i}')
+
+
+_JSON_SPACE = re.compile(r'[ \t\n\r]*')
+
+
+def _item_spans(raw: bytes) -> tuple[list, np.ndarray] | None:
+    """(items, spans [2n] int64: item i is raw[spans[2i]:spans[2i+1]]) of an ASCII JSON list, parsed item by item,
+    or None when the file is not ASCII or not a well-formed list (read_json_file then parses it, or words the
+    error). For ASCII text a character offset is a byte offset, so the items stay where they are in the file."""
+    if not raw.isascii():
+        return None
+    text = raw.decode('ascii')
+    decode = json.JSONDecoder().raw_decode
+    space = _JSON_SPACE.match
+    pos = space(text, 0).end()
+    if not text.startswith('[', pos):
+        return None
+    items, bounds = [], []
+    try:
+        pos = space(text, pos + 1).end()
+        if text.startswith(']', pos):
+            return None  # empty: read_json_file and check_items word it
+        while True:
+            item, end = decode(text, pos)
+            items.append(item)
+            bounds += (pos, end)
+            pos = space(text, end).end()
+            if text.startswith(',', pos):
+                pos = space(text, pos + 1).end()
+            elif text.startswith(']', pos):
+                break
+            else:
+                return None
+    except (ValueError, RecursionError):
+        return None
+    if space(text, pos + 1).end() != len(text):
+        return None
+    return items, np.asarray(bounds, dtype=np.int64)
+
+
+def _load_packed(path: str, required: Mapping[str, Any], what: str, check, index_tag: str | None):
+    """(spans, data) of one checked annotation file: item i is data[spans[2i]:spans[2i+1]] (the file's own bytes
+    for an ASCII file, re-encoded items otherwise), from its index file when one is valid."""
+    source: dict[str, bytes] = {}
+
+    def build():
+        try:
+            check_regular_file(path, what)  # first: opening a FIFO would block
+            with open(path, 'rb') as f:
+                raw = f.read()
+        except (OSError, ValueError, DataError):
+            raw = b''  # read_json_file words the error
+        parsed = _item_spans(raw) if raw else None
+        if parsed is not None:
+            data, spans = parsed
+            check_items(data, path, required, check)
+            source['raw'] = raw
+            return {'spans': spans}
+        data = read_json_file(path, what)
+        check_items(data, path, required, check)
+        offsets, packed = pack_items(data)
+        del data
+        spans = np.stack([offsets[:-1], offsets[1:]], axis=1).reshape(-1)
+        return {'spans': spans, 'data': np.frombuffer(packed, dtype=np.uint8)}
+
+    if index_tag is None and check is not None:  # checks we cannot name: never reuse a stored result
+        arrays = build()
+    else:
+        # Open it first: a missing, special or unreadable file gets its usual message even when indexed.
+        try:
+            check_regular_file(path, what)
+            with open(path, 'rb'):
+                pass
+        except (FileNotFoundError, DataError, OSError, ValueError):
+            arrays = build()  # read_json_file words the error
+        else:
+            tag = f'annotations-2 {sorted((k, _type_name(v)) for k, v in required.items())} {index_tag}'
+            arrays = cached_arrays(path, tag, build)
+    if 'data' in arrays:
+        return arrays['spans'], arrays['data']
+    if isinstance(arrays['spans'], FileArray):  # indexed: read the items from the JSON file itself when needed
+        return arrays['spans'], FileArray(path, 0, np.uint8, os.path.getsize(path))
+    return arrays['spans'], np.frombuffer(source['raw'], dtype=np.uint8)
+
+
 def load_annotations(ann_file, required: Mapping[str, Any], what: str = 'annotation file',
-                     check: Callable[[dict, str], None] | None = None) -> Annotations:
+                     check: Callable[[dict, str], None] | None = None, *,
+                     index_tag: str | None = None) -> Annotations:
     """Load and validate JSON annotation file(s) (one path or a list, concatenated in order).
 
     Each file must hold a non-empty JSON list of objects; every object must have the keys of `required` with
     values of the given type(s) (`list` means a list of strings). `check(item, where)` may add task-specific
     checks and raise DataError. Errors name the file, the item index, the key and the expected type.
+    `index_tag` names what `check` depends on (its parameters): with it, a large file's checked and packed items
+    are stored in an index file and reused while the file is unchanged (dataset.index_cache); without it a
+    `check` makes every load parse and check again.
     """
     files = as_file_list(ann_file, what)
-    items: list = []
-    starts: list[int] = []
+    parts, starts, n = [], [], 0
     for path in files:
-        data = read_json_file(path, what)
-        if not isinstance(data, list):
-            raise DataError(f'{path}: expected a JSON list of objects, got {type(data).__name__}')
-        if not data:
-            raise DataError(f'{path}: the annotation list is empty')
-        for i, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise DataError(f'{path} item {i}: expected an object, got {type(item).__name__}')
-            for key, types in required.items():
-                if key not in item:
-                    raise DataError(f'{path} item {i}: missing key {key!r}')
-                value = item[key]
-                ok_types = types if isinstance(types, tuple) else (types,)
-                # bool is an int subclass: never accept it where a number is meant.
-                if isinstance(value, bool) and bool not in ok_types:
-                    ok = False
-                else:
-                    ok = isinstance(value, ok_types)
-                if ok and isinstance(value, list):
-                    ok = all(isinstance(v, str) for v in value)
-                if not ok:
-                    raise DataError(f'{path} item {i}: key {key!r} must be {_type_name(types)}'
-                                    f'{" of strings" if list in ok_types else ""}, got {brief(value)}')
-            if check is not None:
-                check(item, f'{path} item {i}')
-        starts.append(len(items))
-        items.extend(data)
-    return Annotations(items, files, starts)
+        spans, data = _load_packed(path, required, what, check, index_tag)
+        parts.append((spans, data))
+        starts.append(n)
+        n += len(spans) // 2
+    return Annotations(parts, files, starts)
 
 
 def read_json_file(path: str, what: str = 'annotation file'):
@@ -358,16 +528,7 @@ def open_image_rgb(path: str, where: str = '') -> Image.Image:
     if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # a FIFO blocks Image.open forever
         raise DataError(f'{prefix}image path is not a regular file (a named pipe, socket or device): {path}')
     try:
-        img = Image.open(path)
-        try:
-            img.load()  # decode now so errors surface here; Pillow closes a single-frame file after load()
-            out = _to_rgb(img)
-        except BaseException:
-            img.close()
-            raise
-        if out is not img:
-            img.close()  # free the unconverted copy (and the file of multi-frame formats)
-        return out
+        return _decode_rgb(path)
     except FileNotFoundError:
         raise DataError(f'{prefix}image file not found: {path}') from None
     except IsADirectoryError:
@@ -375,8 +536,36 @@ def open_image_rgb(path: str, where: str = '') -> Image.Image:
     except Image.DecompressionBombError as e:
         raise DataError(f'{prefix}image too large: {path} ({e})') from None
     except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f'{prefix}cannot read image {path} ({msg})') from None
+        raise DataError(f'{prefix}cannot read image {path} ({_first_line(e)})') from None
+
+
+def decode_image_rgb(data: bytes, name: str, where: str = '') -> Image.Image:
+    """Decode an image held in memory (a tar member) as 8-bit RGB, or raise DataError naming `name` and `where`."""
+    prefix = f'{where}: ' if where else ''
+    try:
+        return _decode_rgb(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DataError(f'{prefix}image too large: {name} ({e})') from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f'{prefix}cannot read image {name} ({_first_line(e)})') from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _decode_rgb(source) -> Image.Image:
+    """Image.open + full decode + _to_rgb, closing what it opened on failure (errors propagate as PIL raises)."""
+    img = Image.open(source)
+    try:
+        img.load()  # decode now so errors surface here; Pillow closes a single-frame file after load()
+        out = _to_rgb(img)
+    except BaseException:
+        img.close()
+        raise
+    if out is not img:
+        img.close()  # free the unconverted copy (and the file of multi-frame formats)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ class ve_dataset(ImageDatasetBase, Dataset):
             check_visible_text(item['sentence'], 'sentence', where)
             resolve_image_path(image_root, item['image'] + '.jpg', allow_absolute_paths, where, check_file_link=False)
 
-        self.ann = load_annotations(ann_file, {'image': str, 'sentence': str, 'label': str}, check=check)
+        self.ann = load_annotations(ann_file, {'image': str, 'sentence': str, 'label': str}, check=check,
+                                    index_tag=f've {image_root!r} {bool(allow_absolute_paths)}')
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words

@@ -54,7 +54,9 @@ class vqa_dataset(ImageDatasetBase, Dataset):
         required = {'question': str, 'image': str, 'dataset': str}
         if split == 'test':
             required['question_id'] = (int, str)
-        self.ann = load_annotations(ann_file, required, check=check)
+        self.ann = load_annotations(ann_file, required, check=check,
+                                    index_tag=f'vqa {split} {max_ques_words} {vqa_root!r} {vg_root!r} '
+                                              f'{bool(allow_absolute_paths)}')
         self.transform = transform
         self.vqa_root = vqa_root
         self.vg_root = vg_root
