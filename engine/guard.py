@@ -9,7 +9,7 @@ import threading
 from typing import Mapping
 
 import utils
-from dataset.utils import unwrap_worker_error
+from utils import unwrap_worker_error
 from engine.errors import TrainingError
 from engine.state import TrainState
 

@@ -10,7 +10,7 @@ Pieces, from low to high level:
 * `proposal_statistics` - chance levels (random proposal, 1 / mean number of proposals) and the proposals' upper
   bound per split, to read the accuracies against;
 * `compute_maps` - this rank's Grad-CAM maps, gathered from all ranks, each test item exactly once;
-* `GroundingEvaluator` - evaluate_fn for engine.fit: maps -> `dataset.utils.grounding_eval` (box choice and IoU as
+* `GroundingEvaluator` - evaluate_fn for engine.fit: maps -> `evaluation.grounding_boxes.grounding_eval` (box choice and IoU as
   the original) -> {'val_d', 'testA_d', 'testB_d'} for log.txt, full metrics in a readable JSON file, the maps of
   each evaluation in `<output_dir>/result/epoch<E>.pth`.
 
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 import utils
-from dataset.utils import DataError, computeIoU, grounding_eval, read_json_file
+from dataset.utils import DataError, read_json_file
+from evaluation.grounding_boxes import computeIoU, grounding_eval
 from evaluation.common import ResultsFile, batch_indices, build_eval_loaders, merge_shards
 from models import gradcam
 

@@ -199,19 +199,19 @@ def worker_image_file_symlink_escapes_image_root(c):
 @case
 def worker_killed_by_the_system(c):
     """A worker killed outright (what the kernel's out-of-memory killer does) while it loads item BAD_ITEM."""
-    import dataset.utils
+    import dataset.images
     ann, argv = c.pretrain_with(lambda items: None)
     victim = c.items()[BAD_ITEM]['image']
-    real_open = dataset.utils.open_image_rgb
+    real_open = dataset.images.open_image_rgb
 
     def open_image_rgb(path, where=''):
         if path == victim and os.getpid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_open(path, where)
     parent = os.getpid()
-    c.monkeypatch.setattr(dataset.utils, 'open_image_rgb', open_image_rgb)
+    c.monkeypatch.setattr(dataset.images, 'open_image_rgb', open_image_rgb)
     return Expect(Pretrain.main, argv + list(WORKERS),
-                  r'^a data loader worker died \(DataLoader worker \(pids?\)? ?\(?[\d, ]+\)? (is killed by signal: '
+                  r'^a data loader worker died \(DataLoader worker \(pid(?:s|\(s\))?\)? ?\(?[\d, ]+\)? (is killed by signal: '
                   r'Killed|exited unexpectedly)\); if the system killed it for lack of memory, use fewer workers '
                   r'\(--num_workers, now 2\) or a smaller batch$')
 

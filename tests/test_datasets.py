@@ -15,8 +15,8 @@ import dataset
 from dataset import (DataError, create_dataset, create_loader, create_sampler, grounding_dataset, nlvr_dataset,
                      pretrain_dataset, re_eval_dataset, re_train_dataset, ve_dataset, vqa_collate_fn, vqa_dataset)
 from dataset.transforms import MEAN, STD, build_transform
-from dataset.utils import (choose_box, computeIoU, grounding_eval, load_annotations, open_image_rgb,
-                           proposal_scores, upsample_heatmap)
+from dataset.utils import load_annotations, open_image_rgb
+from evaluation.grounding_boxes import choose_box, computeIoU, grounding_eval, proposal_scores, upsample_heatmap
 from utils import ConfigError, UserError
 
 

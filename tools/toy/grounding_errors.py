@@ -5,7 +5,7 @@
 
 `--maps` is a `result/epoch<E>.pth` file written by Grounding.py (the maps of every val/test expression, in the
 order of the config's test files: refcoco+_val.json, then refcoco+_test.json). Each map picks a box as the
-evaluation does (`dataset.utils.choose_box`, alpha 0.5), and the choice is sorted into: correct (IoU >= 0.5 with the
+evaluation does (`evaluation.grounding_boxes.choose_box`, alpha 0.5), and the choice is sorted into: correct (IoU >= 0.5 with the
 named object), a distractor box at the named object (its centre inside the object's box), another object, or the
 background. 'objects only' is the accuracy when the map chooses among the image's true object boxes alone (how well
 it tells the objects apart, whatever the distractors). Accuracies are also split by how the expression names its
@@ -36,7 +36,7 @@ def analyse(world_dir: str, maps_path: str) -> dict:
     """Per split: counts, the share of each outcome, 'objects only' accuracy and accuracy by expression kind and by
     object count (all in %)."""
     import torch
-    from dataset.utils import choose_box, computeIoU, upsample_heatmap
+    from evaluation.grounding_boxes import choose_box, computeIoU, upsample_heatmap
     from evaluation.grounding import load_dets, prepare_proposals
     from refTools.refer import REFER
     refer = REFER(world_dir, 'refcoco+', 'unc')
