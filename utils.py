@@ -460,6 +460,7 @@ CONFIG_SCHEMA: dict[str, Spec] = {
     'score': Spec((str,), choices=('itm', 'itm+itc', 'itc')),
     'ddp_bucket_cap_mb': Spec(_NUM, 0, lo_open=True, cap=65536), 'epoch_checkpoint_every': Spec((int,), 0),
     'optimizer': Spec((dict,)), 'schedular': Spec((dict,)), 'scheduler': Spec((dict,)),
+    'zero': Spec((bool,)), 'compile': Spec((bool,)),
 }
 # The blocks' keys (the optimizer's and scheduler's arguments; their factories apply the defaults).
 OPTIMIZER_SCHEMA: dict[str, Spec] = {
@@ -1059,6 +1060,8 @@ def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
     p.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'],
                    help='autocast precision (default: config, else fp32)')
+    p.add_argument('--compile', action='store_true', default=None,
+                   help='torch.compile the encoders for training (config key compile; default: config, else off)')
     p.add_argument('--num_workers', default=None, type=config_flag('num_workers'),
                    help='data loader workers (default: config, else 4)')
     p.add_argument('--unsafe_load', action='store_true',
@@ -1317,6 +1320,8 @@ def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False,
             config[key] = getattr(args, key)
     if getattr(args, 'precision', None):
         config['precision'] = args.precision
+    if getattr(args, 'compile', None):
+        config['compile'] = True
     if getattr(args, 'num_workers', None) is not None:
         config['num_workers'] = args.num_workers
     if 'scheduler' in config:  # accept the correct spelling; the code reads the original's

@@ -1,4 +1,7 @@
-"""Mixed precision: the autocast context of a --precision / config `precision` value."""
+"""Mixed precision: the autocast context of a --precision / config `precision` value, and the gradient scaler
+that fp16 needs (bf16 has fp32's exponent range and needs none)."""
+from __future__ import annotations
+
 import contextlib
 
 import torch
@@ -6,11 +9,31 @@ import torch
 import utils
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context for `precision` (fp32: none). fp16 is refused on CPU, where it has no fast kernels."""
+def autocast(device: torch.device, precision: str, allow_cpu_fp16: bool = False):
+    """The autocast context for `precision` (fp32: none). fp16 is refused on CPU, where it has no fast kernels;
+    `allow_cpu_fp16` lifts that for tests and the benchmarks' tiny mode (slow, but the same arithmetic paths)."""
     if precision == 'fp32':
         return contextlib.nullcontext()
-    if precision == 'fp16' and device.type != 'cuda':
+    if precision == 'fp16' and device.type != 'cuda' and not allow_cpu_fp16:
         raise utils.UserError('--precision fp16 needs a CUDA device (it is unusably slow on CPU); use bf16')
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A dynamic loss scaler for fp16 (torch's defaults: initial scale 2**16, halved on inf/NaN gradients, doubled
+    after 2000 clean steps); None for fp32 and bf16, whose steps stay exactly as they were."""
+    if precision != 'fp16':
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def scaled_optimizer_step(scaler: torch.amp.GradScaler, optimizer) -> bool:
+    """Unscale the gradients, step unless some gradient is inf/NaN, update the scale; True when the step was
+    skipped. Any gradient clipping belongs right after `unscale_`, where the gradients are in true units."""
+    scale = scaler.get_scale()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    # update() lowers the scale exactly when this step found inf/NaN gradients (and then skipped the step)
+    return scaler.get_scale() < scale

@@ -6,9 +6,12 @@ Public API:
   `backward(create_graph=True)`).
 * `param_groups_weight_decay(model, weight_decay, skip)`: the original's no-decay / decay split.
 * `NovoGrad`: the original's NovoGrad, the only optimizer written by hand here (see optim_factory).
+* `consolidate_optimizer_state(optimizer)`: before a checkpoint, gather a ZeRO-sharded optimizer's state on rank 0
+  (`create_optimizer(..., zero=True)`, see optim.zero); a no-op for other optimizers.
 """
 from optim.optim_factory import (OPTIMIZER_NAMES, NovoGrad, create_optimizer, optimizer_needs_create_graph,
                                  param_groups_weight_decay)
+from optim.zero import ZeroRedundancyOptimizer, consolidate_optimizer_state
 
 __all__ = ['create_optimizer', 'optimizer_needs_create_graph', 'param_groups_weight_decay', 'NovoGrad',
-           'OPTIMIZER_NAMES']
+           'OPTIMIZER_NAMES', 'consolidate_optimizer_state', 'ZeroRedundancyOptimizer']

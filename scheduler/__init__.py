@@ -3,10 +3,11 @@
 Public API: `create_scheduler(args, optimizer) -> (scheduler, num_epochs)` from the YAML `schedular:` block (the
 caller may equally pass a `scheduler:` block: only the mapping is read), and the classes `CosineLRScheduler`,
 `TanhLRScheduler`, `StepLRScheduler`, `PlateauLRScheduler` (each with `step(epoch[, metric])`, `state_dict()`,
-`load_state_dict()`). See scheduler_factory for where they differ from current timm.
+`load_state_dict()`), and `PLATEAU_DEFAULT_METRIC`, the plateau schedule's default `eval_metric` (the training
+loss). See scheduler_factory for where they differ from current timm.
 """
-from scheduler.scheduler_factory import (SCHEDULER_NAMES, CosineLRScheduler, PlateauLRScheduler, StepLRScheduler,
-                                         TanhLRScheduler, create_scheduler)
+from scheduler.scheduler_factory import (PLATEAU_DEFAULT_METRIC, SCHEDULER_NAMES, CosineLRScheduler,
+                                         PlateauLRScheduler, StepLRScheduler, TanhLRScheduler, create_scheduler)
 
 __all__ = ['create_scheduler', 'CosineLRScheduler', 'TanhLRScheduler', 'StepLRScheduler', 'PlateauLRScheduler',
-           'SCHEDULER_NAMES']
+           'SCHEDULER_NAMES', 'PLATEAU_DEFAULT_METRIC']
