@@ -10,6 +10,7 @@ import torch
 
 import utils
 from engine.compiled import compile_encoders
+from optim import ZeroRedundancyOptimizer
 from engine.errors import TrainingError
 from engine.guard import RunGuard
 from engine.state import TrainState, check_resume_checkpoint, check_resume_config, restore_training
@@ -74,6 +75,11 @@ def build_optimizer_and_scheduler(config: Mapping, model_without_ddp):
     optimizer = create_optimizer(utils.AttrDict(config['optimizer']), model_without_ddp,
                                  zero=bool(config.get('zero', False)))
     lr_scheduler, _ = create_scheduler(utils.AttrDict(config['schedular']), optimizer)
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        mine = sum(p.numel() for g in optimizer.optim.param_groups for p in g['params'])
+        total = sum(p.numel() for g in optimizer.param_groups for p in g['params'])
+        print(f'zero: optimizer state sharded over {utils.get_world_size()} ranks; rank {utils.get_rank()} steps '
+              f'{mine:,} of {total:,} parameters', flush=True)
     return optimizer, lr_scheduler, epoch_count(config['schedular'])
 
 

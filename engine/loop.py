@@ -17,6 +17,7 @@ from engine.build import build_optimizer_and_scheduler, resume_training
 from engine.errors import TrainingError
 from engine.guard import RunGuard, append_log_line, next_batch, save_checkpoint_file, worker_death_error
 from engine.precision import autocast, grad_scaler, scaled_optimizer_step
+from engine.rng import gather_rng_states
 from engine.state import TrainState, build_checkpoint, first_non_finite_tensor
 from optim import consolidate_optimizer_state, optimizer_needs_create_graph
 from scheduler import PLATEAU_DEFAULT_METRIC, PlateauLRScheduler
@@ -192,9 +193,10 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
         path = os.path.join(output_dir, name)
         with guard.critical():
             consolidate_optimizer_state(optimizer)  # ZeRO: every rank sends its shard to rank 0
+            rng_states = gather_rng_states()  # each rank's own, for an exact multi-rank resume
             if utils.is_main_process():
-                save_checkpoint_file(build_checkpoint(model_without_ddp, optimizer, scheduler, config, s, scaler),
-                                     path, guard)
+                save_checkpoint_file(build_checkpoint(model_without_ddp, optimizer, scheduler, config, s, scaler,
+                                                      rng_states), path, guard)
             utils.barrier()
             if name == 'checkpoint_last.pth':
                 guard.keep(path, s)

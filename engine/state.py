@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 
 from engine.errors import TrainingError
-from engine.rng import _is_int, _is_number, get_rng_state, rng_state_problem, set_rng_state
+from engine.rng import _is_int, _is_number, get_rng_state, rank_rng_state, rng_state_problem, set_rng_state
 
 
 @dataclass
@@ -27,9 +27,10 @@ class TrainState:
 
 
 def build_checkpoint(model_without_ddp, optimizer, scheduler, config: Mapping, state: TrainState,
-                     scaler: torch.amp.GradScaler | None = None) -> dict:
+                     scaler: torch.amp.GradScaler | None = None, rng_states: list | None = None) -> dict:
     """The checkpoint dict: the original's keys (model, optimizer, lr_scheduler, config, epoch) plus resume state
-    (and, for fp16, the loss scaler's state under 'scaler').
+    (and, for fp16, the loss scaler's state under 'scaler'; in a multi-rank run every rank's RNG state,
+    `rng_states` from `gather_rng_states`, under 'rng_per_rank').
 
     `optimizer.state_dict()` must be complete here: a ZeroRedundancyOptimizer has to be consolidated first."""
     train_state = {'epoch': state.epoch, 'step_in_epoch': state.step_in_epoch, 'global_step': state.global_step,
@@ -48,6 +49,8 @@ def build_checkpoint(model_without_ddp, optimizer, scheduler, config: Mapping, s
                   'rng': get_rng_state()}
     if scaler is not None:
         checkpoint['scaler'] = scaler.state_dict()
+    if rng_states:
+        checkpoint['rng_per_rank'] = list(rng_states)
     return checkpoint
 
 
@@ -79,7 +82,7 @@ def restore_training(checkpoint: Mapping, model_without_ddp, optimizer, schedule
     if ts is None:  # an original ALBEF checkpoint: resume at the next epoch, as the original does
         return TrainState(epoch=int(checkpoint['epoch']) + 1)
     if 'rng' in checkpoint:
-        set_rng_state(checkpoint['rng'])
+        set_rng_state(rank_rng_state(checkpoint))
     return TrainState(epoch=ts['epoch'], step_in_epoch=ts['step_in_epoch'], global_step=ts['global_step'],
                       best=ts['best'], best_epoch=ts['best_epoch'], skipped_steps=int(ts.get('skipped_steps', 0)),
                       last_record=dict(ts.get('last_record') or {}))
@@ -204,6 +207,13 @@ def check_training_state(checkpoint: Mapping, model_without_ddp, optimizer, sche
         problem = rng_state_problem(checkpoint['rng'])
         if problem is not None:
             fail(f"entry 'rng' is malformed: {problem}")
+        per_rank = checkpoint.get('rng_per_rank', [])
+        if not isinstance(per_rank, (list, tuple)):
+            fail(f"entry 'rng_per_rank' must be a list, got {type(per_rank).__name__}")
+        for r, st in enumerate(per_rank):
+            problem = rng_state_problem(st)
+            if problem is not None:
+                fail(f"entry 'rng_per_rank' is malformed at rank {r}: {problem}")
 
 
 def first_non_finite_tensor(module: torch.nn.Module) -> str | None:

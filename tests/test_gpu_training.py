@@ -316,3 +316,67 @@ def test_compiled_encoders_match_eager():
     sa, sb = eager.state_dict(), compiled.state_dict()
     worst = max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa if sa[k].is_floating_point())
     assert worst < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ZeRO-1 on 2 gloo ranks
+# ----------------------------------------------------------------------------------------------------------------
+ZERO_SCHED = {'sched': 'cosine', 'epochs': 2, 'min_lr': 1e-5, 'warmup_lr': 1e-4, 'warmup_epochs': 1}
+RANK_FLAGS = ['--device', 'cpu', '--seed', '0', '--deterministic', '--save_every_steps', '1']
+
+
+def finish(procs, timeout=300):
+    outputs = []
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for rank, (p, (_, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f'rank {rank}: {err[-3000:]}'
+    return outputs
+
+
+def kill_after(procs, line_start: str, timeout=300):
+    """SIGKILL every rank once rank 0 printed a line starting with `line_start` (the run is then inside a step)."""
+    deadline = time.time() + timeout
+    for line in procs[0].stdout:
+        if line.startswith(line_start) or time.time() > deadline:
+            break
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.communicate()
+
+
+def test_zero_two_ranks_kill_and_resume_is_bit_identical_and_loads_without_zero(world, tmp_path):
+    cfg = mini_config('Pretrain', world, tmp_path / 'c.yaml', queue_size=8, zero=True, print_freq=1,
+                      schedular=dict(ZERO_SCHED))
+    ref, run = tmp_path / 'ref', tmp_path / 'run'
+    reference = launch_ranks('Pretrain.py', ['--config', cfg, '--output_dir', ref, *RANK_FLAGS])
+    interrupted = launch_ranks('Pretrain.py', ['--config', cfg, '--output_dir', run, *RANK_FLAGS])
+    kill_after(interrupted, 'Train epoch [1]  [1/')  # 3 steps an epoch: step 4 of 6 checkpointed, step 5 running
+    killed_at = torch.load(run / 'checkpoint_last.pth', weights_only=True)['train_state']['global_step']
+    assert 0 < killed_at < 6
+    (out0, _), _ = finish(reference)
+    assert 'zero: optimizer state sharded over 2 ranks; rank 0 steps' in out0
+    finish(launch_ranks('Pretrain.py', ['--config', cfg, '--output_dir', run, '--resume', *RANK_FLAGS]))
+    a = torch.load(ref / 'checkpoint_last.pth', weights_only=True)
+    b = torch.load(run / 'checkpoint_last.pth', weights_only=True)
+    assert a['train_state'] == b['train_state']
+    for k, v in a['model'].items():
+        assert torch.equal(v, b['model'][k]), k
+    # rank 0 gathered every rank's shard: the state of every trained parameter, in the plain optimizer's layout
+    n_params = sum(len(g['params']) for g in a['optimizer']['param_groups'])
+    assert sorted(a['optimizer']['state']) == list(range(n_params))
+    for i, st in a['optimizer']['state'].items():
+        for key, t in st.items():
+            assert torch.equal(t, b['optimizer']['state'][i][key]), (i, key)
+    # a plain single-process run (no zero) resumes from it and trains on
+    plain = mini_config('Pretrain', world, tmp_path / 'plain.yaml', queue_size=8, print_freq=1,
+                        schedular=dict(ZERO_SCHED, epochs=3))
+    assert utils.run_cli(Pretrain.main, ['--config', plain, '--output_dir', str(run), '--resume', '--device', 'cpu',
+                                         '--no-distributed', '--max_steps_per_epoch', '1']) == 0
+    assert [r['epoch'] for r in log_lines(run)][-1] == 2
