@@ -380,3 +380,41 @@ def test_zero_two_ranks_kill_and_resume_is_bit_identical_and_loads_without_zero(
     assert utils.run_cli(Pretrain.main, ['--config', plain, '--output_dir', str(run), '--resume', '--device', 'cpu',
                                          '--no-distributed', '--max_steps_per_epoch', '1']) == 0
     assert [r['epoch'] for r in log_lines(run)][-1] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.py
+# ----------------------------------------------------------------------------------------------------------------
+# Runs the script with ruamel made unimportable, as under a plain CUDA image's python3.
+NO_RUAMEL = ("import runpy, sys; sys.modules['ruamel'] = None; sys.modules['ruamel.yaml'] = None; "
+             "sys.argv = ['gpu_check.py', '--tiny', '--json']; "
+             "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
+
+
+def test_gpu_check_tiny_runs_every_row_without_ruamel():
+    out = subprocess.run([sys.executable, '-c', NO_RUAMEL], cwd=ROOT, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = result['rows']
+    kinds = [(r['check'], r['precision'], r.get('compiled', False), r.get('grad_checkpointing')) for r in rows]
+    assert kinds == [('pretrain step', 'bf16', False, None), ('pretrain step', 'fp16', False, None),
+                     ('pretrain step', 'bf16', True, None),
+                     ('retrieval fine-tune step', 'bf16', False, False), ('retrieval fine-tune step', 'bf16', False, True),
+                     ('vqa fine-tune step', 'bf16', False, False), ('vqa fine-tune step', 'bf16', False, True),
+                     ('retrieval evaluation', 'bf16', False, None)]
+    assert all(r['samples_s'] > 0 for r in rows)
+    eager, fp16, compiled = rows[:3]
+    assert eager['tflop_s'] > 0 and fp16['loss_scale_finite'] and fp16['steps_run'] == 3
+    assert compiled['loss_rel_diff_vs_eager'] == 0  # the 'eager' backend runs the captured graphs unchanged
+    assert rows[-1]['scores_finite'] and rows[-1]['images'] == 8
+
+
+def test_gpu_check_peak_and_batch_arithmetic():
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    import gpu_check
+    assert gpu_check.detect_peak_tflops('NVIDIA H100 80GB HBM3') == 989
+    assert gpu_check.detect_peak_tflops('NVIDIA H100 PCIe') == 756
+    assert gpu_check.detect_peak_tflops('NVIDIA H200') == 989
+    assert gpu_check.detect_peak_tflops('Tesla T4') is None
+    # 3 GB fixed, 0.5 GB per sample, 1 GB reserve: (24 - 1 - 3) / 0.5 = 40
+    assert gpu_check.fits(3.0, 0.5) == {'fits_24gb': 40, 'fits_40gb': 72, 'fits_80gb': 152}
