@@ -418,3 +418,22 @@ def test_gpu_check_peak_and_batch_arithmetic():
     assert gpu_check.detect_peak_tflops('Tesla T4') is None
     # 3 GB fixed, 0.5 GB per sample, 1 GB reserve: (24 - 1 - 3) / 0.5 = 40
     assert gpu_check.fits(3.0, 0.5) == {'fits_24gb': 40, 'fits_40gb': 72, 'fits_80gb': 152}
+
+
+def test_zero_with_one_process_is_the_plain_optimizer_and_refuses_wrappers():
+    from optim import create_optimizer
+    model = Tiny()
+    opt = create_optimizer({'opt': 'adamW', 'lr': 0.01, 'weight_decay': 0.01}, model, zero=True)
+    assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 2  # the weight-decay groups
+    for name in ('lookahead_adamw', 'adahessian'):
+        with pytest.raises(utils.ConfigError, match="cannot be sharded with 'zero: true'"):
+            create_optimizer({'opt': name, 'lr': 0.01}, model, zero=True)
+
+
+def test_zero_and_compile_config_keys_and_flag():
+    for key in ('zero', 'compile'):
+        utils.validate_config({key: True}, 'c.yaml')
+        with pytest.raises(utils.ConfigError, match=f"key '{key}'"):
+            utils.validate_config({key: 'yes'}, 'c.yaml')
+    parser = utils.get_parent_parser('c.yaml', 'out')
+    assert parser.parse_args(['--compile']).compile is True and parser.parse_args([]).compile is None
