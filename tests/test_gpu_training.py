@@ -354,20 +354,28 @@ def kill_after(procs, line_start: str, timeout=300):
 def test_zero_two_ranks_kill_and_resume_is_bit_identical_and_loads_without_zero(world, tmp_path):
     cfg = mini_config('Pretrain', world, tmp_path / 'c.yaml', queue_size=8, zero=True, print_freq=1,
                       schedular=dict(ZERO_SCHED))
-    ref, run = tmp_path / 'ref', tmp_path / 'run'
+    ddp_cfg = mini_config('Pretrain', world, tmp_path / 'ddp.yaml', queue_size=8, print_freq=1,
+                          schedular=dict(ZERO_SCHED))
+    ref, run, ddp = tmp_path / 'ref', tmp_path / 'run', tmp_path / 'ddp'
     reference = launch_ranks('Pretrain.py', ['--config', cfg, '--output_dir', ref, *RANK_FLAGS])
+    plain_ddp = launch_ranks('Pretrain.py', ['--config', ddp_cfg, '--output_dir', ddp, *RANK_FLAGS])
     interrupted = launch_ranks('Pretrain.py', ['--config', cfg, '--output_dir', run, *RANK_FLAGS])
     kill_after(interrupted, 'Train epoch [1]  [1/')  # 3 steps an epoch: step 4 of 6 checkpointed, step 5 running
     killed_at = torch.load(run / 'checkpoint_last.pth', weights_only=True)['train_state']['global_step']
     assert 0 < killed_at < 6
     (out0, _), _ = finish(reference)
     assert 'zero: optimizer state sharded over 2 ranks; rank 0 steps' in out0
+    finish(plain_ddp)
     finish(launch_ranks('Pretrain.py', ['--config', cfg, '--output_dir', run, '--resume', *RANK_FLAGS]))
     a = torch.load(ref / 'checkpoint_last.pth', weights_only=True)
     b = torch.load(run / 'checkpoint_last.pth', weights_only=True)
     assert a['train_state'] == b['train_state']
     for k, v in a['model'].items():
         assert torch.equal(v, b['model'][k]), k
+    # the same training as plain DDP: each parameter takes the same AdamW update, on the rank that owns it
+    d = torch.load(ddp / 'checkpoint_last.pth', weights_only=True)
+    for k, v in a['model'].items():
+        assert torch.equal(v, d['model'][k]), k
     # rank 0 gathered every rank's shard: the state of every trained parameter, in the plain optimizer's layout
     n_params = sum(len(g['params']) for g in a['optimizer']['param_groups'])
     assert sorted(a['optimizer']['state']) == list(range(n_params))
