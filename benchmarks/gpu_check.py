@@ -28,7 +28,8 @@ for the evaluation, on CPU
 the script runs.
 
 Runs under a plain CUDA image's python3 with torch, timm and transformers: configs are built in code here, and
-nothing imported at module level reads YAML with ruamel (the project's utils loads it only inside load_config).
+nothing imported at module level reads YAML with ruamel (the project's utils loads it only inside load_config)
+or needs OpenCV (the engine no longer imports the dataset package).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ accumulation, non-finite stop), `fit` over epochs with evaluation, logging and c
 task script calls."""
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import time
@@ -12,7 +13,6 @@ from typing import Callable, Mapping
 import torch
 
 import utils
-from dataset.resumable import ResumableSampler
 from engine.build import build_optimizer_and_scheduler, resume_training
 from engine.errors import TrainingError
 from engine.guard import RunGuard, append_log_line, next_batch, save_checkpoint_file, worker_death_error
@@ -157,6 +157,14 @@ def _step_scheduler(scheduler, t: int, config: Mapping, last_record: Mapping) ->
                         f"({', '.join(sorted(last_record)) or 'none recorded'}); name one of them")
 
 
+def _resumes_mid_epoch(sampler) -> bool:
+    """Whether `sampler` can start an epoch at a given batch (dataset.resumable.ResumableSampler's
+    `set_epoch(epoch, start_batch)`). Recognised by that signature rather than by class, so that the engine does not
+    import the dataset package (image transforms, OpenCV): benchmarks/gpu_check.py runs the engine without them."""
+    set_epoch = getattr(sampler, 'set_epoch', None)
+    return set_epoch is not None and 'start_batch' in inspect.signature(set_epoch).parameters
+
+
 def _keeps_epoch_checkpoint(every: int, epoch: int, num_epochs: int) -> bool:
     return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == num_epochs)
 
@@ -206,7 +214,7 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
     plateau = isinstance(scheduler, PlateauLRScheduler)
     while state.epoch < num_epochs:
         epoch = state.epoch
-        if isinstance(sampler, ResumableSampler):
+        if _resumes_mid_epoch(sampler):
             sampler.set_epoch(epoch, start_batch=state.step_in_epoch)
         elif hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch)

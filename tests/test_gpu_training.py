@@ -393,13 +393,14 @@ def test_zero_two_ranks_kill_and_resume_is_bit_identical_and_loads_without_zero(
 # ----------------------------------------------------------------------------------------------------------------
 # benchmarks/gpu_check.py
 # ----------------------------------------------------------------------------------------------------------------
-# Runs the script with ruamel made unimportable, as under a plain CUDA image's python3.
+# Runs the script with ruamel and OpenCV made unimportable, as under a plain CUDA image's python3.
 NO_RUAMEL = ("import runpy, sys; sys.modules['ruamel'] = None; sys.modules['ruamel.yaml'] = None; "
+             "sys.modules['cv2'] = None; "
              "sys.argv = ['gpu_check.py', '--tiny', '--json']; "
              "runpy.run_path('benchmarks/gpu_check.py', run_name='__main__')")
 
 
-def test_gpu_check_tiny_runs_every_row_without_ruamel():
+def test_gpu_check_tiny_runs_every_row_without_ruamel_or_opencv():
     out = subprocess.run([sys.executable, '-c', NO_RUAMEL], cwd=ROOT, check=True, capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
     result = json.loads(out.stdout.strip().splitlines()[-1])
