@@ -172,7 +172,8 @@ def pretraining_rows(check: Check) -> None:
                       allow_cpu_fp16=check.tiny)
 
     flops = count_flops(lambda: (step('bf16'), check.sync()))
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()}  # eager and compiled losses at these weights
+    # eager and compiled losses at these weights; kept in host memory, out of the peaks measured
+    snapshot = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
     eager_losses = eval_losses(check, model, inputs, snapshot)
     for precision in ('bf16', 'fp16'):
         check.reset_memory()
@@ -292,6 +293,9 @@ def table(check: Check) -> str:
              '| check | px | precision | compiled | batch | samples/s | TFLOP/s | MFU % | peak GB | notes |',
              '| --- ' * 10 + '|']
     for r in check.rows:
+        if 'error' in r:
+            lines.append(f"| {r['check']} | | | | | | | | | FAILED: {r['error']} |")
+            continue
         lines.append(f"| {r['check']} | {r['image_res']} | {r['precision']} | {'yes' if r.get('compiled') else 'no'} "
                      f"| {r.get('batch', r.get('images', '-'))} | {_num(r['samples_s'], '.1f')} | "
                      f"{_num(r.get('tflop_s'), '.1f')} | {_num(r['mfu'] * 100 if 'mfu' in r else None, '.0f')} | "
@@ -308,12 +312,27 @@ def run(args) -> Check:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     start = time.perf_counter()
-    pretraining_rows(check)
-    retrieval_model = finetune_rows(check, 'retrieval')
-    finetune_rows(check, 'vqa')
-    evaluation_row(check, retrieval_model)
+    # A failing section (out of memory, a compiler error) becomes an error row; the others still run.
+    guarded(check, 'pretrain step', pretraining_rows, check)
+    retrieval_model = guarded(check, 'retrieval fine-tune step', finetune_rows, check, 'retrieval')
+    guarded(check, 'vqa fine-tune step', finetune_rows, check, 'vqa')
+    if retrieval_model is not None:
+        guarded(check, 'retrieval evaluation', evaluation_row, check, retrieval_model)
     check.total_s = time.perf_counter() - start
     return check
+
+
+def guarded(check: Check, name: str, fn, *args):
+    """`fn(*args)`, or None after recording an error row for `name` (first line of the exception)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported in the table, the remaining sections run
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        check.rows.append(dict(check=name, error=f'{type(e).__name__}: {first}'))
+        print(f'  {name}: FAILED ({type(e).__name__}: {first})', file=sys.stderr, flush=True)
+        if check.cuda:
+            check.torch.cuda.empty_cache()
+        return None
 
 
 def main(argv=None) -> int:

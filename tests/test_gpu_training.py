@@ -405,6 +405,7 @@ def test_gpu_check_tiny_runs_every_row_without_ruamel_or_opencv():
                          env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     rows = result['rows']
+    assert not [r for r in rows if 'error' in r]
     kinds = [(r['check'], r['precision'], r.get('compiled', False), r.get('grad_checkpointing')) for r in rows]
     assert kinds == [('pretrain step', 'bf16', False, None), ('pretrain step', 'fp16', False, None),
                      ('pretrain step', 'bf16', True, None),
@@ -446,3 +447,17 @@ def test_zero_and_compile_config_keys_and_flag():
             utils.validate_config({key: 'yes'}, 'c.yaml')
     parser = utils.get_parent_parser('c.yaml', 'out')
     assert parser.parse_args(['--compile']).compile is True and parser.parse_args([]).compile is None
+
+
+def test_gpu_check_reports_a_failing_section_and_goes_on():
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+    import argparse
+    import gpu_check
+    check = gpu_check.Check(argparse.Namespace(tiny=True, peak_tflops=None))
+
+    def oom():
+        raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail')
+    assert gpu_check.guarded(check, 'vqa fine-tune step', oom) is None
+    assert check.rows == [{'check': 'vqa fine-tune step',
+                           'error': 'RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB'}]
+    assert '| vqa fine-tune step | | | | | | | | | FAILED: RuntimeError: CUDA out of memory.' in gpu_check.table(check)
