@@ -117,8 +117,8 @@ def summarise(results: dict[str, list[dict]], at_ranks: int = 8) -> dict:
 
 def table(results: dict[str, list[dict]], s: dict) -> str:
     r0 = results['plain'][0]
-    lines = [f"size {r0['size']}, batch {r0['batch']} per rank, {r0['world_size']} gloo CPU ranks, {r0['steps']} steps, "
-             f"{r0['trained_params'] / 1e6:.1f} M trained parameters",
+    lines = [f"size {r0['size']}, batch {r0['batch']} per rank, {r0['world_size']} gloo CPU ranks, "
+             f"{r0['steps']} steps, {r0['trained_params'] / 1e6:.1f} M trained parameters",
              '| mode | rank | optimizer | optimizer state MB | peak RSS MB |', '| --- | --- | --- | --- | --- |']
     for mode in MODES:
         for r in results[mode]:

@@ -33,9 +33,10 @@ from engine.state import (TrainState, build_checkpoint, check_resume_checkpoint,
 
 __all__ = [
     'DDP_BUCKET_CAP_MB', 'EXIT_TERMINATED', 'EngineConfig', 'RunGuard', 'StepFn', 'TrainState', 'TrainingError',
-    'append_log_line', 'autocast', 'compile_encoders', 'grad_scaler', 'scaled_optimizer_step', 'build_checkpoint', 'build_model', 'build_optimizer_and_scheduler',
-    'build_tokenizer', 'check_resume_checkpoint', 'check_resume_config', 'check_training_state', 'describe_os_error',
-    'engine_config', 'epoch_count', 'fit', 'first_non_finite_tensor', 'get_rng_state', 'next_batch', 'os_error_in',
+    'append_log_line', 'autocast', 'build_checkpoint', 'build_model', 'build_optimizer_and_scheduler',
+    'build_tokenizer', 'check_resume_checkpoint', 'check_resume_config', 'check_training_state', 'compile_encoders',
+    'describe_os_error', 'engine_config', 'epoch_count', 'fit', 'first_non_finite_tensor', 'get_rng_state',
+    'grad_scaler', 'next_batch', 'os_error_in', 'scaled_optimizer_step',
     'resume_training', 'restore_training', 'rng_state_problem', 'save_checkpoint_file', 'set_rng_state', 'train',
     'train_one_epoch', 'worker_death_error',
 ]

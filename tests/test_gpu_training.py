@@ -409,7 +409,8 @@ def test_gpu_check_tiny_runs_every_row_without_ruamel_or_opencv():
     kinds = [(r['check'], r['precision'], r.get('compiled', False), r.get('grad_checkpointing')) for r in rows]
     assert kinds == [('pretrain step', 'bf16', False, None), ('pretrain step', 'fp16', False, None),
                      ('pretrain step', 'bf16', True, None),
-                     ('retrieval fine-tune step', 'bf16', False, False), ('retrieval fine-tune step', 'bf16', False, True),
+                     ('retrieval fine-tune step', 'bf16', False, False),
+                     ('retrieval fine-tune step', 'bf16', False, True),
                      ('vqa fine-tune step', 'bf16', False, False), ('vqa fine-tune step', 'bf16', False, True),
                      ('retrieval evaluation', 'bf16', False, None)]
     assert all(r['samples_s'] > 0 for r in rows)
