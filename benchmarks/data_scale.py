@@ -24,7 +24,7 @@ shared pages divided among the processes sharing them) of the main process and i
 /proc/<pid>/smaps_rollup, the largest of samples taken after batch 1, at half-way and at the end. The image
 transform is light (resize to --image_res, to tensor) so the loader, not augmentation, is measured.
 
-    .venv/bin/python benchmarks/data_scale.py [--captions 2000000] [--workers 4] [--batches 500] [--json]
+    .venv/bin/python -m benchmarks.data_scale [--captions 2000000] [--workers 4] [--batches 500] [--json]
 """
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SHARD_SIZE = 10_000
 
@@ -180,7 +179,7 @@ def measure(kind: str, source: str, workers: int, batches: int, batch_size: int,
 def run_child(kind: str, source: str, args) -> dict:
     if args.in_process:
         return measure(kind, source, args.workers, args.batches, args.batch_size, args.image_res)
-    cmd = [sys.executable, os.path.abspath(__file__), '--_measure', kind, source, '--workers', str(args.workers),
+    cmd = [sys.executable, '-m', 'benchmarks.data_scale', '--_measure', kind, source, '--workers', str(args.workers),
            '--batches', str(args.batches), '--batch_size', str(args.batch_size), '--image_res', str(args.image_res)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:

@@ -3,6 +3,7 @@
     python -m benchmarks.train_step --size small --batch 16 --precision bf16          # one row, this process
     python -m benchmarks.train_step --size small --batch 16 --compare                 # baseline vs fast, a table
     python -m benchmarks.train_step --size full --batch 4 --grad-checkpointing --json # one JSON line
+    python -m benchmarks.train_step --size small --batch 16 --compile                 # eager vs compiled encoders
 
 Inputs are random images and 25-token texts. Each measurement is the median of --steps timed steps after
 --warmup untimed ones, with 2 threads. Peak memory is the process's peak RSS, so a clean comparison runs each
@@ -13,6 +14,12 @@ The FLOPs of one step (forward and backward of every matmul, convolution and att
 FlopCounterMode on one extra untimed step) give the achieved TFLOP/s; with `--peak-tflops` (the device's dense peak
 for the precision, e.g. 989 for an H100 SXM in bf16, 0.41 for the 2-core reference CPU in bf16) also the model
 FLOPs utilisation. On CUDA `--device cuda` adds the peak allocated GPU memory.
+
+`--compile` compiles the encoders as training does with `compile: true` (engine.compile_encoders, inductor) and
+prints the compiled row beside eager, each in its own process, with the compile time: the time the warm-up steps
+took beyond as many steady-state steps (the first compiled steps trace and generate code; the MLM mask's varying
+size makes the second step recompile once with dynamic shapes, so use --warmup 2 or more). FLOPs are counted on an
+eager step in both rows (the same arithmetic).
 """
 from __future__ import annotations
 
@@ -72,14 +79,40 @@ def use_manual_attention(model) -> None:
             module.save_attention = True
 
 
-def training_step(model, optimizer, inputs: tuple, kwargs: dict, device, precision: str) -> None:
-    """Zero grad, forward under `precision` autocast (the model returns a loss or a dict of losses), backward, step."""
+def training_step(model, optimizer, inputs: tuple, kwargs: dict, device, precision: str, scaler=None,
+                  allow_cpu_fp16: bool = False) -> None:
+    """Zero grad, forward under `precision` autocast (the model returns a loss or a dict of losses), backward, step;
+    with `scaler` (fp16) the loss is scaled and the step goes through the scaler as in the engine."""
     import engine
     optimizer.zero_grad(set_to_none=True)
-    with engine.autocast(device, precision):
+    with engine.autocast(device, precision, allow_cpu_fp16=allow_cpu_fp16):
         out = model(*inputs, **kwargs)
-    (sum(out.values()) if isinstance(out, dict) else out).backward()
-    optimizer.step()
+    loss = sum(out.values()) if isinstance(out, dict) else out
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        engine.scaled_optimizer_step(scaler, optimizer)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of `fn` (matmuls, convolutions, attention; forward and backward), by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def pretrain_inputs(config: dict, batch: int, device) -> tuple:
+    """Random images and 25-token texts of one pretraining batch (ids past the special ones, [CLS] first)."""
+    import torch
+    vocab, r = config['bert_config']['vocab_size'], config['image_res']
+    images = torch.randn(batch, 3, r, r, device=device)
+    ids = torch.randint(1000, vocab, (batch, TEXT_LEN), device=device) if vocab > 1000 else \
+        torch.randint(5, vocab, (batch, TEXT_LEN), device=device)
+    ids[:, 0] = 101 if vocab > 1000 else 2
+    return images, ids, torch.ones_like(ids)
 
 
 def measure(args) -> dict:
@@ -100,36 +133,33 @@ def measure(args) -> dict:
         use_manual_attention(model)
     model.to(device).train()
     optimizer = create_optimizer(AttrDict(opt='adamW', lr=1e-4, weight_decay=0.02), model)
-    step_model = torch.compile(model) if args.compile else model
-    b, r = args.batch, config['image_res']
-    images = torch.randn(b, 3, r, r, device=device)
-    ids = torch.randint(1000, vocab, (b, TEXT_LEN), device=device) if vocab > 1000 else \
-        torch.randint(5, vocab, (b, TEXT_LEN), device=device)
-    ids[:, 0] = 101 if vocab > 1000 else 2
-    mask = torch.ones_like(ids)
+    b = args.batch
+    images, ids, mask = pretrain_inputs(config, b, device)
 
     def step():
-        training_step(step_model, optimizer, (images, ids, mask), {'alpha': 0.4}, device, args.precision)
+        training_step(model, optimizer, (images, ids, mask), {'alpha': 0.4}, device, args.precision)
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as flop_counter:
-        step()
-    step_flops = flop_counter.get_total_flops()
+    step_flops = count_flops(step)  # eager, before any compilation: the same arithmetic either way
+    if args.compile:
+        import engine
+        engine.compile_encoders(model)
 
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
         step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    warmup_s, times = sum(times[:args.warmup]), times[args.warmup:]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = dict(size=args.size, batch=b, precision=args.precision, device=args.device,
                   grad_checkpointing=args.grad_checkpointing, attention='manual' if args.manual_attention else 'sdpa',
                   compile=args.compile, malloc_tuned=malloc_tuned, median_step_s=statistics.median(times),
                   min_step_s=min(times), max_step_s=max(times), samples_per_s=b / statistics.median(times), peak_rss_mb=peak_rss_mb,
-                  step_gflop=step_flops / 1e9, achieved_tflop_s=step_flops / statistics.median(times) / 1e12)
+                  step_gflop=step_flops / 1e9, achieved_tflop_s=step_flops / statistics.median(times) / 1e12,
+                  warmup_s=warmup_s, compile_s=max(0., warmup_s - args.warmup * statistics.median(times))
+                  if args.compile else None)
     if args.peak_tflops:
         result['mfu'] = result['achieved_tflop_s'] / args.peak_tflops
     if device.type == 'cuda':
@@ -166,7 +196,8 @@ def main(argv=None) -> int:
     p.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32')
     p.add_argument('--grad-checkpointing', action='store_true')
     p.add_argument('--manual-attention', action='store_true', help='explicit softmax attention (baseline)')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model (compile time excluded)')
+    p.add_argument('--compile', action='store_true',
+                   help='compile the encoders (as `compile: true`); alone: eager and compiled rows, compile time')
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--peak-tflops', type=float, default=None,
@@ -193,6 +224,16 @@ def main(argv=None) -> int:
         speedup = results[0]['median_step_s'] / results[1]['median_step_s']
         print(f'\nspeed-up of the fast path over the fp32 manual-attention baseline: {speedup:.2f}x; '
               f"peak memory ratio {results[1]['peak_rss_mb'] / results[0]['peak_rss_mb']:.2f}")
+    elif args.compile and not args.json:
+        variant = common + ['--precision', args.precision] + (['--grad-checkpointing'] if args.grad_checkpointing
+                                                              else [])
+        results = [run_subprocess(variant), run_subprocess(variant + ['--compile'])]
+        print(header(args.device.startswith('cuda')))
+        for r in results:
+            print(row(r))
+        eager, compiled = results
+        print(f"\ncompile time (warm-up beyond steady-state steps): {compiled['compile_s']:.1f} s; step time "
+              f"compiled / eager: {compiled['median_step_s'] / eager['median_step_s']:.2f}")
     else:
         results = [measure(args)]
         if args.json:

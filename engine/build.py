@@ -11,12 +11,13 @@ import torch
 
 import models
 import utils
+from engine.compiled import compile_encoders
 from engine.errors import TrainingError
 from engine.guard import RunGuard
 from engine.state import TrainState, check_resume_checkpoint, check_resume_config, restore_training
 from models.checkpoint import load_checkpoint, read_checkpoint
 from models.pretrained import apply_pretrained
-from optim import create_optimizer
+from optim import ZeroRedundancyOptimizer, create_optimizer
 from scheduler import create_scheduler
 
 
@@ -37,7 +38,8 @@ DDP_BUCKET_CAP_MB = 25  # torch's default; config 'ddp_bucket_cap_mb' (larger bu
 
 def build_model(task: str, config: Mapping, tokenizer, args, device: torch.device, resume: bool = False):
     """Create the task's model, initialise it (checkpoint, or pretrained BERT/ViT weights), freeze the ViT when the
-    config says `freeze_vision`, move it, wrap in DDP.
+    config says `freeze_vision`, move it, compile its encoders when it says `compile` (engine.compiled), wrap in
+    DDP.
 
     With `resume` the weights come later from the run's own checkpoint (see `resume_training`).
     Returns (model, model_without_ddp).
@@ -54,6 +56,8 @@ def build_model(task: str, config: Mapping, tokenizer, args, device: torch.devic
         # its forward builds no autograd graph; its momentum copy stays equal to it (up to rounding).
         model.visual_encoder.requires_grad_(False)
     model.to(device)
+    if config.get('compile', False):
+        compile_encoders(model)
     model_without_ddp = model
     if getattr(args, 'distributed', False):
         device_ids = [args.gpu] if device.type == 'cuda' else None
@@ -82,15 +86,23 @@ def load_for_evaluation(task: str, config: Mapping, tokenizer, args, device: tor
 
 
 def build_optimizer_and_scheduler(config: Mapping, model_without_ddp):
-    """Optimizer from the YAML `optimizer:` block, scheduler from `schedular:`; returns (opt, sched, epochs)."""
-    optimizer = create_optimizer(utils.AttrDict(config['optimizer']), model_without_ddp)
+    """Optimizer from the YAML `optimizer:` block (sharded across ranks with ZeRO-1 when the config says
+    `zero: true`), scheduler from `schedular:`; returns (opt, sched, epochs)."""
+    optimizer = create_optimizer(utils.AttrDict(config['optimizer']), model_without_ddp,
+                                 zero=bool(config.get('zero', False)))
     lr_scheduler, _ = create_scheduler(utils.AttrDict(config['schedular']), optimizer)
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        mine = sum(p.numel() for g in optimizer.optim.param_groups for p in g['params'])
+        total = sum(p.numel() for g in optimizer.param_groups for p in g['params'])
+        print(f'zero: optimizer state sharded over {utils.get_world_size()} ranks; rank {utils.get_rank()} steps '
+              f'{mine:,} of {total:,} parameters', flush=True)
     return optimizer, lr_scheduler, epoch_count(config['schedular'])
 
 
 def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_scheduler,
-                    guard: RunGuard | None = None) -> TrainState:
-    """With --resume, restore everything from --checkpoint or output_dir/checkpoint_last.pth; else a fresh state.
+                    guard: RunGuard | None = None, scaler: torch.amp.GradScaler | None = None) -> TrainState:
+    """With --resume, restore everything from --checkpoint or output_dir/checkpoint_last.pth (and the fp16 loss
+    scaler's state into `scaler`); else a fresh state.
 
     The config must agree with the checkpoint's on the model and data shape (check_resume_config); once it does,
     output_dir/config.yaml is rewritten with the config of the resumed run.
@@ -104,7 +116,7 @@ def resume_training(args, config: Mapping, model_without_ddp, optimizer, lr_sche
     check_resume_checkpoint(checkpoint, model_without_ddp, path)
     if 'config' in checkpoint:
         check_resume_config(checkpoint['config'], config, path)
-    state = restore_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, path=path)
+    state = restore_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, path=path, scaler=scaler)
     guard = guard or RunGuard(args.output_dir)
     guard.keep(path, state)
     if utils.is_main_process():  # only now: a refused resume must leave the run's config.yaml as it was

@@ -7,6 +7,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.errors import TrainingError
 
@@ -73,6 +74,27 @@ def rng_state_problem(state) -> str | None:
                                  and all(torch.is_tensor(c) and c.dtype == torch.uint8 for c in cuda)):
         return "'cuda' must be a list of uint8 tensors"
     return None
+
+
+def gather_rng_states() -> list[dict] | None:
+    """Every rank's `get_rng_state()`, in rank order, on every rank (a collective: all ranks call it); None with one
+    process. Ranks draw different numbers (seeded seed + rank; ALBEF's MLM masks and ITM negatives use them), so
+    an exact multi-rank resume needs each rank's own state back."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, get_rng_state())
+    return states
+
+
+def rank_rng_state(checkpoint: Mapping) -> Mapping:
+    """The RNG state this rank restores: its own from 'rng_per_rank' when the checkpoint was written by as many
+    ranks as run now, else 'rng' (rank 0's; single-process checkpoints have only that)."""
+    per_rank = checkpoint.get('rng_per_rank')
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if isinstance(per_rank, (list, tuple)) and len(per_rank) == world > 1:
+        return per_rank[dist.get_rank()]
+    return checkpoint['rng']
 
 
 def set_rng_state(state: Mapping) -> None:

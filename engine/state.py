@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 
 from engine.errors import TrainingError
-from engine.rng import is_int, is_number, get_rng_state, rng_state_problem, set_rng_state
+from engine.rng import get_rng_state, is_int, is_number, rank_rng_state, rng_state_problem, set_rng_state
 from models.checkpoint import CheckpointError, detect_kind, dtype_mismatches, first_non_finite
 
 
@@ -22,24 +22,45 @@ class TrainState:
     global_step: int = 0
     best: float | None = None   # best value of the task's best-metric so far
     best_epoch: int | None = None
+    skipped_steps: int = 0      # fp16: optimizer steps of `epoch` skipped for inf/NaN gradients so far
+    last_record: dict = field(default_factory=dict)  # plateau schedules: the metrics of the last epoch they read
     extra: dict = field(default_factory=dict)
 
 
-def build_checkpoint(model_without_ddp, optimizer, scheduler, config: Mapping, state: TrainState) -> dict:
-    """The checkpoint dict: the original's keys (model, optimizer, lr_scheduler, config, epoch) plus resume state."""
-    return {'model': model_without_ddp.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'lr_scheduler': scheduler.state_dict(),
-            'config': dict(config),
-            'epoch': state.epoch - 1,  # the last completed epoch, as the original stores it
-            'train_state': {'epoch': state.epoch, 'step_in_epoch': state.step_in_epoch,
-                            'global_step': state.global_step, 'best': state.best, 'best_epoch': state.best_epoch},
-            'rng': get_rng_state()}
+def build_checkpoint(model_without_ddp, optimizer, scheduler, config: Mapping, state: TrainState,
+                     scaler: torch.amp.GradScaler | None = None, rng_states: list | None = None) -> dict:
+    """The checkpoint dict: the original's keys (model, optimizer, lr_scheduler, config, epoch) plus resume state
+    (and, for fp16, the loss scaler's state under 'scaler'; in a multi-rank run every rank's RNG state,
+    `rng_states` from `gather_rng_states`, under 'rng_per_rank').
+
+    `optimizer.state_dict()` must be complete here: a ZeroRedundancyOptimizer has to be consolidated first."""
+    train_state = {'epoch': state.epoch, 'step_in_epoch': state.step_in_epoch, 'global_step': state.global_step,
+                   'best': state.best, 'best_epoch': state.best_epoch}
+    # Only where they matter, so that fp32/bf16 checkpoints of other schedules keep exactly their former content.
+    if state.skipped_steps:
+        train_state['skipped_steps'] = state.skipped_steps
+    if state.last_record:
+        train_state['last_record'] = dict(state.last_record)
+    checkpoint = {'model': model_without_ddp.state_dict(),
+                  'optimizer': optimizer.state_dict(),
+                  'lr_scheduler': scheduler.state_dict(),
+                  'config': dict(config),
+                  'epoch': state.epoch - 1,  # the last completed epoch, as the original stores it
+                  'train_state': train_state,
+                  'rng': get_rng_state()}
+    if scaler is not None:
+        checkpoint['scaler'] = scaler.state_dict()
+    if rng_states:
+        checkpoint['rng_per_rank'] = list(rng_states)
+    return checkpoint
 
 
 def restore_training(checkpoint: Mapping, model_without_ddp, optimizer, scheduler,
-                     path: str = 'the checkpoint') -> TrainState:
+                     path: str = 'the checkpoint', scaler: torch.amp.GradScaler | None = None) -> TrainState:
     """Load a checkpoint written by `build_checkpoint` into the objects and return where to continue.
+
+    `scaler` (fp16) takes the checkpoint's loss-scaler state; a checkpoint without one (older, or of an fp32/bf16
+    run) leaves the scaler fresh.
 
     Everything is checked first (`check_training_state`): a checkpoint whose tensors, optimizer groups, scheduler,
     train_state or RNG state do not fit raises TrainingError naming `path` and the entry, with nothing loaded.
@@ -56,13 +77,16 @@ def restore_training(checkpoint: Mapping, model_without_ddp, optimizer, schedule
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise TrainingError(f"{path}: cannot resume, entry 'lr_scheduler' does not fit the scheduler "
                             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    if scaler is not None and checkpoint.get('scaler'):
+        scaler.load_state_dict(dict(checkpoint['scaler']))
     ts = checkpoint.get('train_state')
     if ts is None:  # an original ALBEF checkpoint: resume at the next epoch, as the original does
         return TrainState(epoch=int(checkpoint['epoch']) + 1)
     if 'rng' in checkpoint:
-        set_rng_state(checkpoint['rng'])
+        set_rng_state(rank_rng_state(checkpoint))
     return TrainState(epoch=ts['epoch'], step_in_epoch=ts['step_in_epoch'], global_step=ts['global_step'],
-                      best=ts['best'], best_epoch=ts['best_epoch'])
+                      best=ts['best'], best_epoch=ts['best_epoch'], skipped_steps=int(ts.get('skipped_steps', 0)),
+                      last_record=dict(ts.get('last_record') or {}))
 
 
 def _shape(t) -> tuple:
@@ -125,6 +149,11 @@ def _train_state_problem(checkpoint: Mapping) -> str | None:
         if not ok(ts[key]):
             return f"entry 'train_state' key {key!r} must be {'a number' if key == 'best' else 'an int'} or null, " \
                    f"got {ts[key]!r:.40}"
+    if 'skipped_steps' in ts and not (is_int(ts['skipped_steps']) and ts['skipped_steps'] >= 0):
+        return f"entry 'train_state' key 'skipped_steps' must be an int >= 0, got {ts['skipped_steps']!r:.40}"
+    record = ts.get('last_record', {})
+    if not isinstance(record, Mapping) or not all(isinstance(k, str) and is_number(v) for k, v in record.items()):
+        return f"entry 'train_state' key 'last_record' must be a dict of numbers, got {record!r:.40}"
     return None
 
 
@@ -169,10 +198,21 @@ def check_training_state(checkpoint: Mapping, model_without_ddp, optimizer, sche
     problem = _train_state_problem(checkpoint)
     if problem is not None:
         fail(problem)
+    scaler = checkpoint.get('scaler')
+    if scaler is not None and not (isinstance(scaler, Mapping) and all(
+            isinstance(k, str) and is_number(v) for k, v in scaler.items())):
+        fail(f"entry 'scaler' must be a dict of numbers (a GradScaler state), got {str(scaler)[:40]}")
     if checkpoint.get('train_state') is not None and 'rng' in checkpoint:
         problem = rng_state_problem(checkpoint['rng'])
         if problem is not None:
             fail(f"entry 'rng' is malformed: {problem}")
+        per_rank = checkpoint.get('rng_per_rank', [])
+        if not isinstance(per_rank, (list, tuple)):
+            fail(f"entry 'rng_per_rank' must be a list, got {type(per_rank).__name__}")
+        for r, st in enumerate(per_rank):
+            problem = rng_state_problem(st)
+            if problem is not None:
+                fail(f"entry 'rng_per_rank' is malformed at rank {r}: {problem}")
 
 
 def first_non_finite_tensor(module: torch.nn.Module) -> str | None:

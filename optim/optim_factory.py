@@ -36,6 +36,7 @@ from torch.optim.optimizer import Optimizer
 from timm.optim import (SGDP, Adafactor, Adahessian, AdamP, Lamb, Lookahead, NAdamLegacy, NvNovoGrad, RAdamLegacy,
                         RMSpropTF)
 
+from optim.zero import zero_sharded
 from utils import ConfigError
 
 __all__ = ['create_optimizer', 'param_groups_weight_decay', 'optimizer_needs_create_graph', 'NovoGrad',
@@ -209,7 +210,7 @@ def _kernel_kwargs(cls: type, params: list, opt_args: Mapping) -> dict:
     return {}
 
 
-def create_optimizer(args: Any, model: nn.Module, filter_bias_and_bn: bool = True) -> Optimizer:
+def create_optimizer(args: Any, model: nn.Module, filter_bias_and_bn: bool = True, zero: bool = False) -> Optimizer:
     """Build the optimizer described by the YAML `optimizer:` block (a dict, AttrDict or namespace).
 
     Keys: `opt` (name, case-insensitive, optionally prefixed 'lookahead_'), `lr`, `weight_decay` (default 0),
@@ -219,6 +220,10 @@ def create_optimizer(args: Any, model: nn.Module, filter_bias_and_bn: bool = Tru
     With a non-zero weight decay and `filter_bias_and_bn`, parameters are split by `param_groups_weight_decay`
     (skip-set: `model.no_weight_decay()` when the passed model defines it) and the optimizer-level weight decay
     becomes 0; otherwise all of `model.parameters()` form one group. Raises utils.ConfigError naming the bad key.
+
+    `zero` (the config's `zero: true`): shard the optimizer state across the ranks of torch.distributed (ZeRO-1,
+    see optim.zero), same parameter groups and arguments; a plain optimizer when there is one rank. Lookahead
+    (which wraps another optimizer) and second-order optimizers are refused with it.
     """
     opt = _get(args, 'opt')
     if not isinstance(opt, str) or not opt:
@@ -269,8 +274,11 @@ def create_optimizer(args: Any, model: nn.Module, filter_bias_and_bn: bool = Tru
         raise ConfigError(f"optimizer: 'opt_args' must be a mapping, got {type(extra).__name__}")
     kwargs.update(extra)
     kwargs.update(_kernel_kwargs(cls, params, kwargs))
+    if zero and (lookahead or cls is Adahessian):
+        raise ConfigError(f"optimizer: opt {opt!r} cannot be sharded with 'zero: true' (lookahead and second-order "
+                          f"optimizers are not supported there)")
     try:
-        optimizer = cls(params, **kwargs)
+        optimizer = (zero and zero_sharded(cls, params, kwargs)) or cls(params, **kwargs)
     except (TypeError, ValueError) as e:  # unknown keyword, or a value torch refuses (a negative eps, ...)
         raise ConfigError(f"optimizer: bad arguments for {opt!r} ({cls.__name__}): {e}") from None
     if lookahead:

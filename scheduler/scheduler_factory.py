@@ -18,7 +18,9 @@ Where current timm's formulas differ from the original's, the subclasses below r
 * plateau: torch's ReduceLROnPlateau (timm's PlateauLRScheduler is deprecated) with the original's linear
   warm-up for `epoch <= warmup_epochs`. Fixes: without warm-up (`warmup_epochs` 0) `step(0)` no longer sets the lr
   to `warmup_lr`; the state dict holds the whole torch scheduler state (the original kept only `best` and
-  `last_epoch`, losing the patience counters on resume; the original two-key form still loads).
+  `last_epoch`, losing the patience counters on resume; the original two-key form still loads); the default
+  metric is the training loss (`PLATEAU_DEFAULT_METRIC`, mode min) where the original defaulted to `top1` (mode
+  max), a key no ALBEF task logs.
 
 LR noise (`lr_noise`, `lr_noise_pct`, `lr_noise_std`, `seed`) works as in timm: a normal sample (times
 `lr_noise_std`, which the original accepted but ignored: identical for the default 1.0) redrawn until its
@@ -40,9 +42,14 @@ from timm.scheduler.scheduler import Scheduler
 from utils import ConfigError
 
 __all__ = ['create_scheduler', 'CosineLRScheduler', 'TanhLRScheduler', 'StepLRScheduler', 'PlateauLRScheduler',
-           'SCHEDULER_NAMES']
+           'SCHEDULER_NAMES', 'PLATEAU_DEFAULT_METRIC']
 
 SCHEDULER_NAMES = ('cosine', 'tanh', 'step', 'plateau')
+
+#: The plateau schedule's default `eval_metric`: the epoch's mean training loss (the sum of the step's loss terms),
+#: which the engine logs as `train_loss` for every task; mode 'min'. Any other key of the epoch's log line may be
+#: named instead (e.g. `val_r_mean`, mode 'max').
+PLATEAU_DEFAULT_METRIC = 'loss'
 
 
 def _cycle_index(t: float, t_initial: float, cycle_mul: float) -> tuple[int, float, float]:
@@ -283,7 +290,8 @@ def create_scheduler(args: Any, optimizer: torch.optim.Optimizer):
     Keys (spec 9.2): `sched` (cosine | tanh | step | plateau, case-insensitive), `epochs` (required),
     `min_lr` (0), `decay_rate` (1 for cosine/tanh, 0.1 for step/plateau), `warmup_lr` (0), `warmup_epochs` (0),
     `cooldown_epochs` (0), `decay_epochs` (step, required), `patience_epochs` (plateau, 10), `eval_metric`
-    (plateau: mode 'min' if it contains 'loss', else 'max'; default 'top1'), `lr_cycle_mul` (1),
+    (plateau: a key of the epoch's log line, mode 'min' if it contains 'loss', else 'max'; default
+    PLATEAU_DEFAULT_METRIC, the training loss), `lr_cycle_mul` (1),
     `lr_cycle_limit` (1), `lr_noise` (None: a fraction of `epochs` or a [start, end] list of fractions),
     `lr_noise_pct` (0.67), `lr_noise_std` (1), `seed` (42). The block's `lr` is ignored: the base lr is the
     optimizer's (quirk 15.3).
@@ -333,7 +341,7 @@ def create_scheduler(args: Any, optimizer: torch.optim.Optimizer):
         scheduler = StepLRScheduler(optimizer, decay_t=decay_epochs, decay_rate=decay_rate, warmup_t=warmup_epochs,
                                     warmup_lr_init=warmup_lr, **noise)
     else:
-        mode = 'min' if 'loss' in str(_get(args, 'eval_metric', 'top1')) else 'max'
+        mode = 'min' if 'loss' in str(_get(args, 'eval_metric', PLATEAU_DEFAULT_METRIC)) else 'max'
         scheduler = PlateauLRScheduler(optimizer, decay_rate=decay_rate,
                                        patience_t=_number(args, 'patience_epochs', 10, cast=int), lr_min=min_lr,
                                        mode=mode, warmup_lr_init=warmup_lr, warmup_t=warmup_epochs, cooldown_t=0,

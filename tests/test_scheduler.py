@@ -142,12 +142,14 @@ def test_plateau_mode_and_no_warmup():
     opt = _optimizer(0.1)
     sched, _ = create_scheduler({'sched': 'plateau', 'epochs': 5, 'warmup_lr': 0.01, 'patience_epochs': 0,
                                  'decay_rate': 0.1}, opt)
-    assert sched.lr_scheduler.mode == 'max'
+    assert sched.lr_scheduler.mode == 'min'  # the default metric is the training loss
     _assert_lr(opt, 0.1)
     sched.step(0, 0.5)  # the original set warmup_lr here even without warm-up
     _assert_lr(opt, 0.1)
-    sched.step(1, 0.4)  # worse in 'max' mode, patience 0: reduce
+    sched.step(1, 0.6)  # worse in 'min' mode, patience 0: reduce
     _assert_lr(opt, 0.01)
+    sched, _ = create_scheduler({'sched': 'plateau', 'epochs': 5, 'eval_metric': 'val_r_mean'}, opt)
+    assert sched.lr_scheduler.mode == 'max'
 
 
 # ---------------------------------------------------------------------------------------------------------------

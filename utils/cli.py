@@ -110,6 +110,8 @@ def get_parent_parser(default_config: str, default_output_dir: str) -> argparse.
     p.add_argument('--local_rank', '--local-rank', default=0, type=int, help=argparse.SUPPRESS)
     p.add_argument('--precision', default=None, choices=['fp32', 'bf16', 'fp16'],
                    help='autocast precision (default: config, else fp32)')
+    p.add_argument('--compile', action='store_true', default=None,
+                   help='torch.compile the encoders for training (config key compile; default: config, else off)')
     p.add_argument('--num_workers', default=None, type=config_flag('num_workers'),
                    help='data loader workers (default: config, else 4)')
     p.add_argument('--unsafe_load', action='store_true',

@@ -48,6 +48,7 @@ CONFIG_SCHEMA: dict[str, Spec] = {
     'score': Spec((str,), choices=('itm', 'itm+itc', 'itc')),
     'ddp_bucket_cap_mb': Spec(NUM, 0, lo_open=True, cap=65536), 'epoch_checkpoint_every': Spec((int,), 0),
     'optimizer': Spec((dict,)), 'schedular': Spec((dict,)), 'scheduler': Spec((dict,)),
+    'zero': Spec((bool,)), 'compile': Spec((bool,)),
 }
 
 # Bounds on the work of reading a config, which may come from anywhere: a few KB of YAML whose aliases repeat each

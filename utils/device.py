@@ -39,11 +39,12 @@ def seed_everything(seed: int) -> None:
 
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context for `precision` (fp32: none). fp16 is refused on CPU, where it has no fast kernels."""
+def autocast(device: torch.device, precision: str, allow_cpu_fp16: bool = False):
+    """The autocast context for `precision` (fp32: none). fp16 is refused on CPU, where it has no fast kernels;
+    `allow_cpu_fp16` lifts that for tests and the benchmarks' tiny mode (slow, but the same arithmetic paths)."""
     if precision == 'fp32':
         return contextlib.nullcontext()
-    if precision == 'fp16' and device.type != 'cuda':
+    if precision == 'fp16' and device.type != 'cuda' and not allow_cpu_fp16:
         raise UserError('--precision fp16 needs a CUDA device (it is unusably slow on CPU); use bf16')
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)

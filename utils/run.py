@@ -71,6 +71,8 @@ def prepare_run(args, required: Sequence[str] = (), evaluate: bool = False,
             config[key] = getattr(args, key)
     if getattr(args, 'precision', None):
         config['precision'] = args.precision
+    if getattr(args, 'compile', None):
+        config['compile'] = True
     if getattr(args, 'num_workers', None) is not None:
         config['num_workers'] = args.num_workers
     if 'scheduler' in config:  # accept the correct spelling; the code reads the original's
