@@ -1,5 +1,5 @@
 """ALBEF weakly supervised visual grounding on RefCOCO+: fine-tune with the retrieval objectives (ITC + ITM) on
-referring expressions, evaluate by Grad-CAM box selection among detection proposals (spec 10.8).
+referring expressions, evaluate by Grad-CAM box selection among detection proposals.
 
     python -m torch.distributed.launch --nproc_per_node=8 --use_env Grounding.py --config configs/Grounding.yaml \
         --output_dir output/RefCOCO --gradcam_mode itm --block_num 8 --checkpoint ALBEF.pth

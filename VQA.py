@@ -6,7 +6,7 @@ candidate list. Train, then answer the test split once.
     python VQA.py --config configs/toy/VQA.yaml --output_dir output/toy_vqa --checkpoint output/toy_pretrain/checkpoint_last.pth
 
 --checkpoint: a pretraining checkpoint (the loader initialises the answer decoder from the encoder's fusion
-layers and its head from the MLM head, spec 15.10), or with --evaluate a fine-tuned VQA checkpoint.
+layers and its head from the MLM head, as the original does), or with --evaluate a fine-tuned VQA checkpoint.
 Outputs in output_dir: checkpoint_XX.pth after every epoch (as the original) and checkpoint_last.pth (resume point);
 log.txt (one JSON line per epoch, then one for the test split); result/vqa_result_epochE.json and
 result/vqa_result.json, the answers as [{"question_id", "answer"}] (the evaluation server's format; E = the last
@@ -31,7 +31,7 @@ from dataset.resumable import build_train_loader
 from evaluation.common import build_eval_loaders
 from evaluation.vqa import VQAEvaluator, answer_coverage, check_question_ids, report_coverage
 
-QUESTION_TOKENS = 25  # training questions: padding longest, truncation, max_length 25 (spec 3)
+QUESTION_TOKENS = 25  # training questions: padding longest, truncation, max_length 25 (as the original's VQA.py)
 
 
 def get_args_parser():

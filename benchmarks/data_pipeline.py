@@ -1,6 +1,6 @@
 """Throughput of the pretraining image transform: our OpenCV/numpy RandomAugment vs a plain-PIL version.
 
-Pipeline (spec 4.4 'pretrain'): RandomResizedCrop(256, scale 0.2-1, bicubic) -> RandomHorizontalFlip ->
+Pipeline (the original's 'pretrain' transform): RandomResizedCrop(256, scale 0.2-1, bicubic) -> RandomHorizontalFlip ->
 RandomAugment(2, 7, 10 ops) -> ToTensor -> Normalize, applied to random 640x480 images that went through a JPEG
 encode/decode round trip (decoding is done once, before timing). The PIL variant implements the same 10 ops with
 the same argument rules and RNG draws using PIL (ImageOps / ImageEnhance / Image.transform). Also timed: the

@@ -1,4 +1,4 @@
-"""Datasets, transforms, samplers and loaders of ALBEF (spec section 4).
+"""Datasets, transforms, samplers and loaders of ALBEF.
 
 `create_dataset(name, config)` builds the datasets of a task, `create_sampler` / `create_loader` wrap them for
 (distributed) training and evaluation, `vqa_collate_fn` batches VQA training items.
@@ -42,7 +42,7 @@ def _require(config: Mapping, key: str, name: str):
 
 
 def create_dataset(name: str, config: Mapping):
-    """Build the datasets of task `name` from config (spec 4.3/4.4).
+    """Build the datasets of task `name` from config.
 
     Returns: 'pretrain' / 'nlvr_pretrain' -> one dataset; 're', 'nlvr', 've' -> (train, val, test);
     'vqa', 'grounding' -> (train, test).
@@ -146,7 +146,7 @@ def worker_init_fn(worker_id: int) -> None:
 
 def create_loader(datasets: Sequence, samplers: Sequence, batch_size: Sequence[int], num_workers: Sequence[int],
                   is_trains: Sequence[bool], collate_fns: Sequence) -> list[DataLoader]:
-    """One DataLoader per dataset (spec 4.6).
+    """One DataLoader per dataset.
 
     Training loaders: shuffle when there is no sampler, drop_last True; evaluation loaders: no shuffle, keep the
     last batch. pin_memory only when CUDA is available; persistent_workers when num_workers > 0; workers seeded

@@ -1,4 +1,4 @@
-"""Image-caption datasets: pretraining, retrieval training and retrieval evaluation (spec 4.2/4.3).
+"""Image-caption datasets: pretraining, retrieval training and retrieval evaluation.
 
 Common keyword-only extras (not in the original): `skip_bad_images` (replace unreadable images by the next
 readable item and count them in `num_skipped`, see dataset.utils.ImageDatasetBase) and `allow_absolute_paths`

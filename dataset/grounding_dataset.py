@@ -1,4 +1,4 @@
-"""RefCOCO+ referring expressions for weakly supervised grounding (spec 4.2/4.3)."""
+"""RefCOCO+ referring expressions for weakly supervised grounding."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset

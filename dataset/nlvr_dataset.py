@@ -1,4 +1,4 @@
-"""NLVR2 dataset: two images, one sentence, a true/false label (spec 4.2/4.3)."""
+"""NLVR2 dataset: two images, one sentence, a true/false label."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset

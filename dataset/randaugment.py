@@ -1,4 +1,4 @@
-"""RandomAugment (spec 4.5): N ops drawn with replacement, each applied with probability 0.5 at magnitude M.
+"""RandomAugment as in the original: N ops drawn with replacement, each applied with probability 0.5 at magnitude M.
 
 Ops work on uint8 numpy arrays (H x W x C, RGB, or H x W) and are implemented with OpenCV lookup tables and
 warpAffine, which is several times faster than PIL for the same operations (see benchmarks/data_pipeline.py).
@@ -167,7 +167,7 @@ def sharpness(img: np.ndarray, factor: float) -> np.ndarray:
 
     factor 0 -> smoothed image, 1 -> original; otherwise only interior pixels (the 1-pixel border keeps the
     original values) become smoothed + factor * (img - smoothed) in float32, converted to uint8 WITHOUT clipping
-    (spec quirk 20): values are truncated toward zero and wrap modulo 256, which is what the original's
+    (like the original): values are truncated toward zero and wrap modulo 256, which is what the original's
     float32 -> uint8 cast does on x86 (written out here so the result does not depend on the platform).
     """
     img = _check(img)
@@ -262,7 +262,7 @@ class Op(NamedTuple):
     level_to_args: Callable
 
 
-# Registration order = the draw order of `np.random.choice` when augs is empty (spec 4.5 table order).
+# Registration order = the draw order of `np.random.choice` when augs is empty (the order of the original's op table).
 OPS: dict[str, Op] = {
     'Identity': Op(identity, _no_args),
     'AutoContrast': Op(auto_contrast, _no_args),

@@ -59,7 +59,7 @@ def _truncate_words(text: str, max_words: int) -> str:
 def pre_caption(caption: str, max_words: int = 50) -> str:
     """Normalise a caption: lower-case, drop punctuation, collapse whitespace runs, keep at most `max_words` words.
 
-    Order (spec 4.1): lower; delete , . ' ! ? " ( ) * # : ; ~; '-' and '/' -> space, '<person>' -> 'person';
+    Order (as in the original): lower; delete , . ' ! ? " ( ) * # : ; ~; '-' and '/' -> space, '<person>' -> 'person';
     runs of >= 2 whitespace characters -> one space (a single tab/newline survives); strip trailing newlines then
     leading/trailing spaces; truncate on single spaces.
     """

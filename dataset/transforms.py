@@ -1,4 +1,4 @@
-"""Image transforms of spec 4.4 (CLIP normalisation, bicubic resizing, RandomAugment on training images)."""
+"""Image transforms of the original ALBEF (CLIP normalisation, bicubic resizing, RandomAugment on training images)."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -50,7 +50,7 @@ register_block('augment', AUGMENT_SCHEMA, _check_augment)
 
 
 def build_transform(kind: str, image_res: int, augment: dict | None = None) -> transforms.Compose:
-    """The transform `kind` at resolution `image_res` (spec 4.4).
+    """The transform `kind` at resolution `image_res`, as the original ALBEF builds it.
 
     pretrain: RandomResizedCrop(scale 0.2-1) -> flip -> RandomAugment -> ToTensor -> Normalize.
     train: the same with scale 0.5-1 (retrieval, VQA, NLVR2, VE training).

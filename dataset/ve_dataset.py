@@ -1,4 +1,4 @@
-"""SNLI-VE dataset: image premise, text hypothesis, 3-way label (spec 4.2/4.3)."""
+"""SNLI-VE dataset: image premise, text hypothesis, 3-way label."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset

@@ -1,4 +1,4 @@
-"""VQA v2 (+ Visual Genome QA) dataset (spec 4.2/4.3)."""
+"""VQA v2 (+ Visual Genome QA) dataset."""
 from __future__ import annotations
 
 from torch.utils.data import Dataset

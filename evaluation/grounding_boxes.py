@@ -88,7 +88,7 @@ def upsample_heatmap(pred, height: int, width: int, mask_size: int | None = None
 
 def grounding_eval(results, dets: Mapping, cocos, refer, alpha: float = 0.5, mask_size: int = 24,
                    verbose: bool = True) -> dict:
-    """Box accuracy per split (spec 10.8): results = [{'ref_id', 'pred' (mask_size x mask_size)}].
+    """Box accuracy per split (the original's scoring): results = [{'ref_id', 'pred' (mask_size x mask_size)}].
 
     For each result the map is upsampled to the image size, the best detection of that image is chosen with
     `choose_box`, and it counts as correct when computeIoU with the ground-truth box is >= 0.5. Returns
