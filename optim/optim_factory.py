@@ -166,8 +166,8 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float, skip: Itera
 
     A trainable parameter goes to the no-decay group when it is 1-D (LayerNorm weights, biases), its name ends
     with '.bias', or its name is in `skip`; everything else, **including 0-dim parameters such as ALBEF's `temp`,
-    and `pos_embed` / `cls_token` / embedding tables**, is decayed, exactly as in the original (spec 9.1, quirk
-    15.4). Parameters with requires_grad False (the momentum copies) are left out; shared parameters appear
+    and `pos_embed` / `cls_token` / embedding tables**, is decayed, exactly as in the original.
+    Parameters with requires_grad False (the momentum copies) are left out; shared parameters appear
     once (named_parameters de-duplicates them).
     """
     skip = set(skip)

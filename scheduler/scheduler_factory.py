@@ -1,8 +1,8 @@
 """Learning-rate schedulers with the original ALBEF (timm 0.4) semantics, built on timm 1.0's scheduler classes.
 
-`create_scheduler(args, optimizer)` reads the YAML `schedular:` block (spec 9.2) and returns
+`create_scheduler(args, optimizer)` reads the YAML `schedular:` block and returns
 `(scheduler, num_epochs)`. The schedulers follow timm's protocol: `step(epoch)` sets every parameter group's lr to
-the value for `epoch` (ALBEF also calls it with `i // 100` during the epoch-0 warm-up, spec 9.3), and
+the value for `epoch` (ALBEF also calls it with `i // 100` during the epoch-0 warm-up), and
 `state_dict()` / `load_state_dict()` capture everything needed to resume exactly.
 
 Where current timm's formulas differ from the original's, the subclasses below restore the original:
@@ -287,14 +287,14 @@ def _epoch_count(value: float):
 def create_scheduler(args: Any, optimizer: torch.optim.Optimizer):
     """Build the scheduler of the YAML `schedular:` block; returns `(scheduler, num_epochs)`.
 
-    Keys (spec 9.2): `sched` (cosine | tanh | step | plateau, case-insensitive), `epochs` (required),
+    Keys: `sched` (cosine | tanh | step | plateau, case-insensitive), `epochs` (required),
     `min_lr` (0), `decay_rate` (1 for cosine/tanh, 0.1 for step/plateau), `warmup_lr` (0), `warmup_epochs` (0),
     `cooldown_epochs` (0), `decay_epochs` (step, required), `patience_epochs` (plateau, 10), `eval_metric`
     (plateau: a key of the epoch's log line, mode 'min' if it contains 'loss', else 'max'; default
     PLATEAU_DEFAULT_METRIC, the training loss), `lr_cycle_mul` (1),
     `lr_cycle_limit` (1), `lr_noise` (None: a fraction of `epochs` or a [start, end] list of fractions),
     `lr_noise_pct` (0.67), `lr_noise_std` (1), `seed` (42). The block's `lr` is ignored: the base lr is the
-    optimizer's (quirk 15.3).
+    optimizer's, as in the original.
 
     num_epochs = epochs * cycles + cooldown_epochs for cosine/tanh, `epochs` otherwise (ALBEF ignores it).
     Raises utils.ConfigError naming the bad key.

@@ -130,7 +130,7 @@ def test_grouping_is_the_original():
     assert no_decay['weight_decay'] == 0. and decay['weight_decay'] == 0.02
     assert opt.defaults['weight_decay'] == 0.
     assert _ids(no_decay) == {id(model.norm.weight), id(model.norm.bias), id(model.proj.bias), id(model.head.bias)}
-    # 0-dim temp, pos_embed, cls_token, embeddings (shared with the head) and matrices ARE decayed (quirk 15.4)
+    # 0-dim temp, pos_embed, cls_token, embeddings (shared with the head) and matrices ARE decayed, as in the original
     assert _ids(decay) == {id(model.temp), id(model.pos_embed), id(model.cls_token), id(model.embed.weight),
                            id(model.proj.weight)}
     assert len(decay['params']) == 5  # the tied weight appears once
