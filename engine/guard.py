@@ -100,6 +100,15 @@ class RunGuard:
         sys.stderr.flush()
         raise SystemExit(EXIT_TERMINATED)
 
+    def stop_if_terminated(self) -> None:
+        """Exit now if SIGTERM arrived but its exit was lost.
+
+        Python ignores an exception raised by a signal handler while a `__del__` runs (garbage collection can run
+        one at any allocation), so the handler's SystemExit can vanish; the loop calls this at every step so the
+        run still ends, with the line already printed."""
+        if self._stopping and os.getpid() == self._pid:
+            raise SystemExit(EXIT_TERMINATED)
+
     @contextlib.contextmanager
     def handle_sigterm(self):
         """Install the SIGTERM handler for the block (main thread only; elsewhere a no-op)."""

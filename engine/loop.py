@@ -68,7 +68,8 @@ def _warmup_step_due(cfg: EngineConfig, scheduler, epoch: int, i: int) -> bool:
 
 def train_one_epoch(model, loader, optimizer, scheduler, step_fn: StepFn, device: torch.device,
                     cfg: EngineConfig, state: TrainState, save_fn: Callable[[TrainState], None] | None = None,
-                    header: str = 'Train', scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                    header: str = 'Train', scaler: torch.amp.GradScaler | None = None,
+                    guard: RunGuard | None = None) -> dict[str, float]:
     """Train for one epoch, starting at `state.step_in_epoch`; returns the epoch's average of each loss, of their
     sum (`loss`, unless the step names a loss so itself) and of the lr.
 
@@ -128,6 +129,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, step_fn: StepFn, device
         if save_fn is not None and cfg.save_every_steps and state.step_in_epoch % cfg.save_every_steps == 0 \
                 and state.step_in_epoch < n_total:
             save_fn(state)
+        if guard is not None:
+            guard.stop_if_terminated()
     logger.synchronize_between_processes()
     print(f'Averaged stats: {logger.global_avg()}', flush=True)
     stats = logger.averages()
@@ -222,8 +225,9 @@ def fit(*, model, model_without_ddp, train_loader, optimizer, scheduler, step_fn
             _step_scheduler(scheduler, epoch + engine_cfg.warmup_steps, config, last_record)
         try:
             train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, step_fn, device, engine_cfg,
-                                          state, save_fn=save, scaler=scaler)
+                                          state, save_fn=save, scaler=scaler, guard=guard)
             eval_stats = evaluate_fn(epoch) if evaluate_fn is not None else None
+            guard.stop_if_terminated()
         except RuntimeError as e:  # a worker's death surfaces wherever the main process happens to be
             err = worker_death_error(e, getattr(train_loader, 'num_workers', None))
             if err is None:

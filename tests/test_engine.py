@@ -170,6 +170,33 @@ def test_gradient_accumulation_steps_every_n():
     assert len(steps) == 3  # after micro-batches 2, 4 and the last one
 
 
+def test_a_sigterm_whose_exit_was_swallowed_still_ends_the_epoch_at_the_next_step(tmp_path):
+    """A signal handler's SystemExit raised while a __del__ runs is ignored by Python: the loop still stops."""
+    guard = engine.RunGuard(str(tmp_path))
+
+    class SwallowsTheExit:
+        def __del__(self):
+            try:
+                guard._on_sigterm(15, None)
+            except SystemExit:
+                pass  # what Python does with an exception raised inside __del__
+
+    steps = []
+
+    def step(model, batch, alpha):
+        steps.append(batch)
+        if batch == 2:
+            SwallowsTheExit()  # collected at once: SIGTERM "arrives" inside its __del__
+        return {'loss': model.weight.sum() * 0}
+
+    model = nn.Linear(1, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        engine.train_one_epoch(model, list(range(10)), torch.optim.SGD(model.parameters(), lr=0.1),
+                               type('S', (), {'step': lambda self, t: None})(), step, torch.device('cpu'),
+                               engine.EngineConfig(print_freq=1000), engine.TrainState(), guard=guard)
+    assert exit_info.value.code == engine.EXIT_TERMINATED and steps == [0, 1, 2]
+
+
 def test_non_finite_loss_stops_with_named_step(tmp_path):
     model, opt, sched, epochs, loader = make_run()
     calls = {'n': 0}
