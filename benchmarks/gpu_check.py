@@ -210,7 +210,7 @@ def pretraining_rows(check: Check) -> None:
 def finetune_rows(check: Check, task: str) -> dict:
     """Rows of one fine-tuning task at both batch sizes, without and with gradient checkpointing; returns the
     retrieval model for the evaluation (None for VQA)."""
-    from models.common import apply_grad_checkpointing
+    from models.encoder_config import apply_grad_checkpointing
     plan = check.plan
     config = build_config(plan['size'], False)
     config.update(image_res=plan['finetune_res'], distill=True, alpha=0.4,
@@ -244,7 +244,7 @@ def finetune_rows(check: Check, task: str) -> dict:
 
 def evaluation_row(check: Check, model) -> None:
     from torch.utils.data import DataLoader
-    from evaluation.retrieval import evaluate_fast
+    from evaluation.retrieval import score_matrices
     plan = check.plan
     vocab = model.text_encoder.config.vocab_size
     tokenizer = make_tokenizer(vocab, tempfile.mkdtemp(prefix='gpu_check_vocab_'))
@@ -253,7 +253,7 @@ def evaluation_row(check: Check, model) -> None:
     model.eval()
     check.reset_memory()
     start = time.perf_counter()
-    i2t, t2i = evaluate_fast(model, loader, tokenizer, check.device, k_test=plan['k_test'], precision='bf16',
+    i2t, t2i = score_matrices(model, loader, tokenizer, check.device, k_test=plan['k_test'], precision='bf16',
                              progress=False)
     check.sync()
     seconds = time.perf_counter() - start

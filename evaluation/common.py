@@ -18,7 +18,6 @@ from typing import Mapping, Sequence
 from torch.utils.data import DataLoader, RandomSampler
 
 import utils
-from dataset import create_loader, create_sampler
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -27,6 +26,8 @@ from dataset import create_loader, create_sampler
 def build_eval_loaders(datasets: Sequence, batch_size: int, num_workers: int) -> list[DataLoader]:
     """In-order evaluation loaders, sharded across ranks when torch.distributed runs (padding is undone by
     `merge_shards`), plain sequential loaders otherwise."""
+    # dataset imports OpenCV: the evaluators stay importable without it (gpu_check on a bare CUDA image)
+    from dataset import create_loader, create_sampler
     n = len(datasets)
     if utils.is_dist_avail_and_initialized():
         samplers = create_sampler(datasets, [False] * n, utils.get_world_size(), utils.get_rank())

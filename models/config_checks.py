@@ -25,7 +25,7 @@ BERT_SCHEMA: dict[str, Spec] = {
     'hidden_dropout_prob': SHARE, 'attention_probs_dropout_prob': SHARE,
     'layer_norm_eps': Spec(NUM, 0, lo_open=True), 'initializer_range': Spec(NUM, 0),
 }
-# Defaults the models apply when a key is absent (models/vit.py, models/common.py, BertConfig), for the checks
+# Defaults the models apply when a key is absent (models/vit.py, models/encoder_config.py, BertConfig), for the checks
 # that relate keys to each other.
 MODEL_DEFAULTS = {'patch_size': 16, 'vision_width': 768, 'vision_num_heads': 12, 'embed_dim': 256,
                   'queue_size': 65536}
