@@ -86,3 +86,33 @@ def test_the_import_check_catches_an_upward_import(tmp_path, monkeypatch, bad_im
     (tmp_path / 'models' / 'bad.py').write_text(f'def f():\n    {bad_import}\n')
     with pytest.raises(AssertionError, match=expected):
         test_imports_flow_downwards()
+
+
+PROJECT = set(LAYERS) | SCRIPTS | OUTSIDE
+
+
+def test_every_project_import_resolves():
+    """Imports inside functions run only when called: a moved or renamed name must not hide there."""
+    import importlib
+    missing = []
+    for top in sorted(set(LAYERS) | OUTSIDE):
+        paths = list(_modules(top))
+        for path in paths + ([f'{s}.py' for s in sorted(SCRIPTS)] if top == 'utils' else []):
+            with open(os.path.join(ROOT, path)) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                        and node.module.split('.')[0] in PROJECT):
+                    continue
+                try:
+                    module = importlib.import_module(node.module)
+                except ImportError as e:
+                    missing.append(f'{path}:{node.lineno} {node.module}: {e}')
+                    continue
+                for alias in node.names:
+                    if alias.name != '*' and not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f'{node.module}.{alias.name}')
+                        except ImportError:
+                            missing.append(f'{path}:{node.lineno} {node.module} has no {alias.name}')
+    assert not missing, missing
